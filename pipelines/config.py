@@ -1,0 +1,335 @@
+"""The recipe: one YAML file, validated into typed config, that decides everything about a run.
+
+A recipe names the data, the model, the method, the optimizer and schedule, the scale and the
+evaluation and serving settings. The embedded default (`local`) is just one recipe among the
+shipped ones; no code path asks whether it runs in a test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_RECIPE = "local"
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe the user wrote (or overrode) is not valid; the message is one readable line."""
+
+
+class Strict(BaseModel):
+    # Unknown keys are typos in a hand-written YAML file: reject them rather than ignore them.
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SyntheticConfig(Strict):
+    num_reports: int = Field(2000, gt=0)
+    seed: int = 0
+    defect_rate: float = Field(0.05, ge=0, le=1)
+
+
+class MixtureSource(Strict):
+    """One source of a dataset mixture, sampled deterministically to a target count or share."""
+
+    name: str
+    inputs: list[str]
+    task: Literal["impression", "instruct", "pretrain"] = "instruct"
+    count: int | None = Field(None, gt=0)
+    ratio: float | None = Field(None, gt=0, le=1)
+    columns: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _one_target(self) -> MixtureSource:
+        if (self.count is None) == (self.ratio is None):
+            raise ValueError("give exactly one of count or ratio")
+        return self
+
+
+class SplitConfig(Strict):
+    eval: float = Field(0.001, ge=0, lt=1)
+    test: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> SplitConfig:
+        if self.eval + self.test >= 1:
+            raise ValueError("eval + test must leave some data for training")
+        return self
+
+
+class DataConfig(Strict):
+    inputs: list[str] = []  # files or globs (CSV, JSON, JSONL, Parquet); empty: synthetic reports
+    synthetic: SyntheticConfig = SyntheticConfig()
+    columns: dict[str, str] = {}  # canonical field -> column name in the input
+    text_column: str | None = None  # a whole free-text report, split into sections
+    task: Literal["impression", "instruct", "pretrain"] = "impression"
+    min_findings_words: int = Field(10, ge=0)
+    deidentify: bool = True
+    deduplicate: bool = True
+    splits: SplitConfig = SplitConfig()
+    lead_in_probability: float = Field(0.3, ge=0, le=1)
+    pack_length: int = Field(2048, ge=16)
+    pack_window: int = Field(1000, ge=1)  # examples per best-fit-decreasing window
+    overlong: Literal["truncate", "reject"] = "truncate"
+    mixture: list[MixtureSource] = []
+    cache_dir: str | None = None  # default: <output_dir>/cache
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        known = {"id", "exam_code", "modality", "findings", "impression", "text"}
+        unknown = sorted(set(columns) - known)
+        if unknown:
+            raise ValueError(f"unknown canonical field(s) {unknown}; expected some of {sorted(known)}")
+        return columns
+
+
+class TinyModelConfig(Strict):
+    """The embedded tiny Llama. Every linear's output size is a multiple of 32 so that 4-bit
+    generation works on the CPU (bitsandbytes repacks weights in blocks of 32)."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 4096
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _quantizable(self) -> TinyModelConfig:
+        kv_dim = self.hidden_size // self.num_attention_heads * self.num_key_value_heads
+        for name, size in [("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size),
+                           ("key/value width", kv_dim), ("vocab_size", self.vocab_size)]:
+            if size % 32:
+                raise ValueError(f"{name}={size} must be a multiple of 32 for 4-bit kernels on CPU")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        return self
+
+
+class ModelConfig(Strict):
+    path: str | None = None  # local HF directory or hub id; None builds the embedded tiny Llama
+    tiny: TinyModelConfig = TinyModelConfig()
+    chat_format: Literal["llama3", "med42", "alpaca"] = "llama3"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class QuantizationConfig(Strict):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class ScheduleConfig(Strict):
+    """Cosine decay after a linear warm-up, down to min_lr_ratio x the peak."""
+
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> ScheduleConfig:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class TrainingConfig(Strict):
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = Field(8, gt=0)  # packed rows per worker per forward
+    grad_accum: int = Field(1, gt=0)
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    eval_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    seed: int = 0
+    peak_tflops_per_device: float = Field(1.0, gt=0)  # for MFU: 989 for an H100 (bf16 dense)
+
+
+class StageConfig(Strict):
+    """One training stage: continual pre-training or fine-tuning."""
+
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _method_fits_strategy(self) -> StageConfig:
+        if self.method == "qlora" and self.training.strategy == "deepspeed":
+            raise ValueError("qlora runs on the ddp strategy (4-bit weights are frozen; only adapters sync)")
+        return self
+
+
+class PretrainConfig(StageConfig):
+    enabled: bool = False
+    method: Literal["full", "lora", "qlora"] = "full"
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    backend: Literal["gloo", "nccl"] = "gloo"
+    max_failures: int = Field(0, ge=-1)
+
+    @model_validator(mode="after")
+    def _backend_fits_device(self) -> ScalingConfig:
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError("backend nccl needs use_gpu: true (use gloo on CPU)")
+        return self
+
+
+class JudgeConfig(Strict):
+    base_url: str | None = None
+    model: str = "gpt-4o"
+    concurrency: int = Field(16, gt=0)
+    price_per_million_input: float = 2.5
+    price_per_million_output: float = 10.0
+
+
+class EvaluationConfig(Strict):
+    max_examples: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0)
+    bertscore_model: str | None = None  # None: the offline MiniLM encoder
+    judge: JudgeConfig = JudgeConfig()
+    mcq_files: list[str] = []
+    decontamination_threshold: float = Field(0.8, gt=0, le=1)
+
+
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    model_id: str = "medray-base"
+    adapters: dict[str, str] = {}  # model id -> PEFT adapter directory
+    max_adapters_per_replica: int = Field(4, gt=0)
+    max_batch_size: int = Field(8, gt=0)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_new_tokens_limit: int = Field(512, gt=0)
+    load_in_4bit: bool = False
+    api_key_env: str | None = None  # name of the env var holding the Bearer key, if any
+    num_replicas: int = Field(1, gt=0)
+    cpus_per_replica: float = Field(1, gt=0)
+    gpus_per_replica: float = Field(0, ge=0)
+
+
+class Recipe(Strict):
+    name: str
+    output_dir: str = "runs/default"  # local path or shared storage URI prefix
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    training: TrainingConfig = TrainingConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _method_fits_strategy(self) -> Recipe:
+        self.finetune_stage()  # validates the fine-tuning stage's combination of settings
+        return self
+
+    def finetune_stage(self) -> StageConfig:
+        return StageConfig(method=self.method, lora=self.lora, quantization=self.quantization,
+                           optimizer=self.optimizer, schedule=self.schedule, training=self.training)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in RECIPES_DIR.glob("*.yaml")}
+
+
+def _parse_value(text: str) -> Any:
+    # `--set a.b=1e-4` means the number, `--set x=[4, 8]` the list: YAML's own scalar rules.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set training.max_steps=100")
+    key, _, value = assignment.partition("=")
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = _parse_value(value)
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"recipe {source}: {field}: {msg}{more}"
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe by shipped name or path, apply `a.b=value` overrides, and validate it."""
+    recipe = recipe or DEFAULT_RECIPE
+    shipped = shipped_recipes()
+    path = shipped.get(str(recipe), Path(recipe))
+    if not path.is_file():
+        raise RecipeError(f"recipe {recipe}: no such file, and not a shipped recipe ({', '.join(sorted(shipped))})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe {path}:{where} is not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections")
+    tree.setdefault("name", path.stem)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(str(path), err)) from None
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,46 @@
+"""Request bodies of the OpenAI-compatible API, validated before any work is queued."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OpenAIError(Exception):
+    """An error answered in the OpenAI format: {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class Sampled(BaseModel):
+    # Clients send fields this server does not use (user, n=1, logit_bias...): accept them.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(Sampled):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampled):
+    prompt: str = Field(min_length=1)
+
+
+class ImpressionRequest(Sampled):
+    findings: str = Field(min_length=1)
+    exam_code: str | None = None
