@@ -35,7 +35,7 @@ def synthetic_batch(batch: pd.DataFrame, seed: int, defect_rate: float) -> pd.Da
 
 
 def _clean(value) -> str | None:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if not isinstance(value, str) and (value is None or pd.isna(value)):
         return None
     text = " ".join(str(value).split())
     return text or None
@@ -122,7 +122,7 @@ def split_batch(batch: pd.DataFrame, eval_fraction: float, test_fraction: float)
     """train / eval / test by a stable hash of the id; rejected rows keep split 'rejected'."""
     splits = []
     for rid, reason in zip(batch["id"], batch["reject_reason"]):
-        if reason:
+        if isinstance(reason, str):
             splits.append("rejected")
             continue
         u = prompts.stable_fraction(rid, "split")

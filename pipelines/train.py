@@ -83,9 +83,13 @@ def check_resources(recipe: Recipe) -> None:
     if s.use_gpu and available.get("GPU", 0) < s.num_workers * max(s.gpus_per_worker, 1):
         raise UserError(f"scaling.use_gpu: the recipe asks for {s.num_workers} GPU worker(s) but the Ray "
                         f"cluster has {int(available.get('GPU', 0))} GPU(s); use a GPU cluster or --set scaling.use_gpu=false")
-    if available.get("CPU", 0) < s.num_workers * s.cpus_per_worker:
-        raise UserError(f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPU exceed the cluster's "
-                        f"{available.get('CPU', 0):g} CPUs")
+    # Workers stream their data through Ray Data tasks, which need CPUs of their own: with every
+    # CPU held by a worker the reads never get scheduled and training hangs without an error.
+    spare = available.get("CPU", 0) - s.num_workers * s.cpus_per_worker
+    if spare < 0.5:
+        raise UserError(f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPU leave {max(spare, 0):g} of the "
+                        f"cluster's {available.get('CPU', 0):g} CPUs for data loading (at least 0.5 needed); "
+                        "lower scaling.cpus_per_worker or num_workers")
 
 
 def run_name(stage_dir: Path, stage_name: str, resume: bool) -> str:
@@ -145,7 +149,7 @@ def run_stage(recipe: Recipe, stage_name: str, stage: StageConfig, base_path: Pa
     num_params, trainable = count_params(base_path, stage)
     seq_len = pads.dataset(str(shards / "train"), format="parquet").head(1).column("input_ids")[0]
     config = {
-        "stage_name": stage_name, "stage": stage.model_dump(mode="json"),
+        "stage_name": stage_name, "stage": stage.model_dump(mode="json", exclude={"enabled"}),
         "model": recipe.model.model_dump(mode="json"), "base_path": str(base_path.resolve()),
         "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "metrics_path": str(metrics_path.resolve()), "final_dir": str((stage_dir / "model").resolve()),
