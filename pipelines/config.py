@@ -7,6 +7,7 @@ shipped ones; no code path asks whether it runs in a test.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,15 +33,29 @@ class SyntheticConfig(Strict):
     defect_rate: float = Field(0.05, ge=0, le=1)
 
 
+# The fields of an input record; a recipe's `columns` maps some of them to the input's column names.
+RECORD_FIELDS = ("id", "exam_code", "modality", "findings", "impression", "text", "instruction", "input", "output")
+
+
+def _known_fields(columns: dict[str, str]) -> dict[str, str]:
+    unknown = sorted(set(columns) - set(RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown canonical field(s) {unknown}; expected some of {sorted(RECORD_FIELDS)}")
+    return columns
+
+
 class MixtureSource(Strict):
     """One source of a dataset mixture, sampled deterministically to a target count or share."""
 
     name: str
     inputs: list[str]
     task: Literal["impression", "instruct", "pretrain"] = "instruct"
-    count: int | None = Field(None, gt=0)
-    ratio: float | None = Field(None, gt=0, le=1)
+    count: int | None = Field(None, gt=0)  # rows to keep (all of them when the source has fewer)
+    ratio: float | None = Field(None, gt=0, le=1)  # share of the whole mixture
     columns: dict[str, str] = {}
+    text_column: str | None = None
+
+    _columns = field_validator("columns")(_known_fields)
 
     @model_validator(mode="after")
     def _one_target(self) -> MixtureSource:
@@ -65,6 +80,8 @@ class DataConfig(Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     columns: dict[str, str] = {}  # canonical field -> column name in the input
     text_column: str | None = None  # a whole free-text report, split into sections
+    encoding: str = "utf-8"  # of CSV / JSON input; rows that do not decode are rejected
+    max_field_chars: int = Field(1_000_000, gt=0)  # a longer field rejects its row (a dump, not a report)
     task: Literal["impression", "instruct", "pretrain"] = "impression"
     min_findings_words: int = Field(10, ge=0)
     deidentify: bool = True
@@ -75,16 +92,32 @@ class DataConfig(Strict):
     pack_window: int = Field(1000, ge=1)  # examples per best-fit-decreasing window
     overlong: Literal["truncate", "reject"] = "truncate"
     mixture: list[MixtureSource] = []
-    cache_dir: str | None = None  # default: <output_dir>/cache
+    cache_dir: str | None = None  # intermediate shards during a run; default: <data output>/cache
 
-    @field_validator("columns")
+    _columns = field_validator("columns")(_known_fields)
+
+    @field_validator("encoding")
     @classmethod
-    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
-        known = {"id", "exam_code", "modality", "findings", "impression", "text"}
-        unknown = sorted(set(columns) - known)
-        if unknown:
-            raise ValueError(f"unknown canonical field(s) {unknown}; expected some of {sorted(known)}")
-        return columns
+    def _known_encoding(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r}") from None
+        return encoding
+
+    @model_validator(mode="after")
+    def _inputs_or_mixture(self) -> DataConfig:
+        if self.mixture and self.inputs:
+            raise ValueError("give inputs or mixture, not both (a mixture names its own inputs)")
+        names = [s.name for s in self.mixture]
+        if len(set(names)) != len(names):
+            raise ValueError("mixture source names must be unique")
+        shares = sum(s.ratio for s in self.mixture if s.ratio is not None)
+        has_counts = any(s.count is not None for s in self.mixture)
+        if shares > 1 + 1e-9 or (has_counts and shares >= 1):
+            raise ValueError("mixture ratios are shares of the whole mixture: they must sum to at most 1, "
+                             "and below 1 when some sources have counts")
+        return self
 
 
 class TinyModelConfig(Strict):
@@ -164,6 +197,9 @@ class TrainingConfig(Strict):
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False
+    # ZeRO-3 keeps parameters smaller than this whole on every rank instead of gathering them
+    # layer by layer (DeepSpeed's default is 1e5 elements).
+    zero3_persistence_threshold: int = Field(100_000, ge=0)
     eval_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     log_every: int = Field(10, gt=0)
@@ -201,6 +237,9 @@ class ScalingConfig(Strict):
     gpus_per_worker: float = Field(0, ge=0)
     backend: Literal["gloo", "nccl"] = "gloo"
     max_failures: int = Field(0, ge=-1)
+    # Torch threads per worker; None: the node's CPUs shared among the workers on it (Ray alone
+    # would give a worker floor(cpus_per_worker), i.e. one thread for a half-CPU worker).
+    threads_per_worker: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _backend_fits_device(self) -> ScalingConfig:
@@ -210,21 +249,41 @@ class ScalingConfig(Strict):
 
 
 class JudgeConfig(Strict):
-    base_url: str | None = None
+    base_url: str | None = None  # any OpenAI-compatible API; the key comes from OPENAI_API_KEY
     model: str = "gpt-4o"
     concurrency: int = Field(16, gt=0)
-    price_per_million_input: float = 2.5
+    max_retries: int = Field(4, ge=0)  # per request, on 429 / 5xx / timeouts, with backoff
+    timeout_s: float = Field(60, gt=0)
+    price_per_million_input: float = 2.5  # USD, for the cost estimate (0 for a self-hosted judge)
     price_per_million_output: float = 10.0
+    include_baselines: bool = True  # judge the no-model baselines too (honest, but costs calls)
+    cache: str | None = None  # JSON Lines of answered prompts; default: <eval output>/judge_cache.jsonl
 
 
 class EvaluationConfig(Strict):
+    tasks: list[Literal["generation", "judge", "mcq", "decontamination", "forgetting", "grounding"]] = [
+        "generation", "grounding"]
     max_examples: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
+    # Local models run as Ray Data actors: keep CPUs free for the rest of the pipeline.
+    num_actors: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(1, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    endpoint_concurrency: int = Field(8, gt=0)  # parallel requests to a model served over HTTP
     bertscore_model: str | None = None  # None: the offline MiniLM encoder
+    bertscore_layer: int | None = Field(None, gt=0)  # None: the encoder's last layer
     judge: JudgeConfig = JudgeConfig()
+    # PATH[#SPLIT] per benchmark file; empty: the public benchmarks in ../shared/data/mcqa if present
     mcq_files: list[str] = []
+    mcq_limit: int | None = Field(None, gt=0)  # items per benchmark file, a stable sample by id
+    mcq_modes: list[Literal["loglik", "generative"]] = ["loglik", "generative"]
+    mcq_max_new_tokens: int = Field(256, gt=0)
+    mcq_exact_match: bool = False  # for models tuned to answer with the letter only
+    forgetting_file: str | None = None  # general benchmark; default: the non-medical MMLU subset
+    forgetting_checkpoints: list[str] = []  # model or adapter directories (globs), in training order
     decontamination_threshold: float = Field(0.8, gt=0, le=1)
+    decontamination_encoder: str | None = None  # sentence-transformers directory; None: MiniLM
 
 
 class ServeConfig(Strict):
@@ -232,15 +291,27 @@ class ServeConfig(Strict):
     port: int = Field(8000, gt=0, lt=65536)
     model_id: str = "medray-base"
     adapters: dict[str, str] = {}  # model id -> PEFT adapter directory
+    models: dict[str, str] = {}  # model id -> fully fine-tuned model directory (replicas of its own)
     max_adapters_per_replica: int = Field(4, gt=0)
     max_batch_size: int = Field(8, gt=0)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_new_tokens_limit: int = Field(512, gt=0)
     load_in_4bit: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: model.dtype (CPUs lacking bf16: float32)
     api_key_env: str | None = None  # name of the env var holding the Bearer key, if any
     num_replicas: int = Field(1, gt=0)
+    max_replicas: int | None = Field(None, gt=0)  # above num_replicas: autoscale between the two
+    target_ongoing_requests: float | None = Field(None, gt=0)  # per replica when autoscaling; None: max_batch_size
     cpus_per_replica: float = Field(1, gt=0)
     gpus_per_replica: float = Field(0, ge=0)
+    ingress_cpus: float = Field(0.25, ge=0)  # the HTTP ingress replicas only parse and route
+    graceful_shutdown_timeout_s: float = Field(60, gt=0)  # a stopping replica finishes its answers first
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeConfig:
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError("max_replicas must be at least num_replicas")
+        return self
 
 
 class Recipe(Strict):

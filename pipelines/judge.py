@@ -245,7 +245,7 @@ def public_endpoint(base_url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _failure_reason(error: Exception) -> str:
+def failure_reason(error: Exception) -> str:
     # Deliberately ignores error messages: they can quote the key or the prompt.
     if isinstance(error, openai.APIStatusError):
         return f"HTTP {error.status_code}"
@@ -273,7 +273,7 @@ async def _call_judge(client: AsyncOpenAI, model: str, messages: list[dict[str, 
         )
         completion = raw.parse()
     except (openai.OpenAIError, ValueError) as error:  # ValueError: body is not valid JSON
-        return _Call(failure=_failure_reason(error))
+        return _Call(failure=failure_reason(error))
     usage = completion.usage
     # An answered call with no text (e.g. a refusal) is cached like any answer; parsing marks it.
     content = completion.choices[0].message.content if completion.choices else None

