@@ -91,16 +91,25 @@ def bertscore(
     _check_pairs(predictions, references)
     if not predictions:
         return {"precision": [], "recall": [], "f1": []}
+    # An empty text has no tokens to match: it scores 0. (bert_score's own empty-string path calls
+    # a tokenizer method that transformers 5 no longer has.)
+    scored = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+    out = {"precision": [0.0] * len(predictions), "recall": [0.0] * len(predictions), "f1": [0.0] * len(predictions)}
+    if not scored:
+        return out
     setup = describe_bertscore(model_path, num_layers)
     p, r, f = bert_score.score(
-        list(predictions),
-        list(references),
+        [predictions[i] for i in scored],
+        [references[i] for i in scored],
         model_type=setup["encoder_dir"],
         num_layers=setup["num_layers"],
         batch_size=batch_size,
         use_fast_tokenizer=True,
     )
-    return {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist()}
+    for key, values in (("precision", p), ("recall", r), ("f1", f)):
+        for i, value in zip(scored, values.tolist()):
+            out[key][i] = value
+    return out
 
 
 def is_normal_impression(text: str) -> bool:

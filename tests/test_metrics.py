@@ -54,6 +54,8 @@ def test_bertscore_on_local_encoder_ranks_pairs():
     assert out["f1"][0] == pytest.approx(1.0, abs=1e-4)
     assert out["f1"][0] > out["f1"][1] > out["f1"][2]
     assert bertscore([], []) == {"precision": [], "recall": [], "f1": []}
+    empty = bertscore(["", "no acute disease"], ["normal chest", "no acute disease"], batch_size=2)
+    assert empty["f1"][0] == 0.0 and empty["f1"][1] > 0.9
 
 
 @pytest.mark.parametrize("text", [
