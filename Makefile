@@ -11,7 +11,6 @@ export RAY_USAGE_STATS_ENABLED := 0
 # a multi-GB CUDA build. platform/Dockerfile installs the CUDA build for GPU clusters instead.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
