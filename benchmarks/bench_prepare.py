@@ -6,8 +6,11 @@
    report texts as one batch on the same cores (rayon threads), measured before and after the
    pipeline in the same run. Both use a fixed tokenizer (model.path), as production recipes do.
 2. Where the time goes: CPU milliseconds per row of each stage in one process, without Ray.
-3. Scale: rows/s and peak memory of the whole run (driver + Ray processes, summed RSS, and the
-   driver alone) at each --scale size of synthetic reports generated inside the pipeline.
+3. Scale: rows/s, CPU per row and peak memory of the whole run (driver + Ray processes, summed
+   RSS, and the driver alone) at each --scale size of synthetic reports generated in the pipeline.
+
+On a shared machine wall times follow the neighbours' load; the CPU seconds of the driver and
+every Ray process are reported beside them.
 
     .venv/bin/python benchmarks/bench_prepare.py [--rows 20000] [--scale 100000 1000000] [--cpus 2]
 """
@@ -32,42 +35,58 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-class TreeMemory:
-    """Peak summed RSS of this process and its descendants (the local Ray), and of this process."""
+class TreeMonitor:
+    """Peak summed RSS of this process and its descendants (the local Ray), peak RSS of this
+    process, and the CPU seconds the tree used: on a shared machine, CPU time is what stays
+    comparable when wall time depends on the neighbours' load."""
 
     def __init__(self, every: float = 0.5):
         self.peak_tree = self.peak_driver = 0
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
         self._stop = threading.Event()
+        self._sample()
+        self.first = dict(self.last)
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
         self._thread.start()
 
-    def _run(self, every: float) -> None:
+    def _sample(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(every):
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                with proc.oneshot():
                     total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak_tree = max(self.peak_tree, total)
-            self.peak_driver = max(self.peak_driver, me.memory_info().rss)
+                    times = proc.cpu_times()
+                    self.last[proc.pid] = times.user + times.system
+            except psutil.Error:
+                pass
+        self.peak_tree = max(self.peak_tree, total)
+        self.peak_driver = max(self.peak_driver, me.memory_info().rss)
 
-    def stop(self) -> tuple[float, float]:
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self._sample()
+
+    def stop(self) -> tuple[float, float, float]:
+        """(peak tree RSS GiB, peak driver RSS GiB, CPU seconds used since the start)."""
         self._stop.set()
         self._thread.join()
-        return self.peak_tree / 2**30, self.peak_driver / 2**30
+        self._sample()
+        cpu = sum(t - self.first.get(pid, 0.0) for pid, t in self.last.items())
+        return self.peak_tree / 2**30, self.peak_driver / 2**30, cpu
 
 
-def tokenizer_rate(tokenizer, texts: list[str]) -> float:
-    """Rows/s of the tokenizer's batch encoding over `texts` (best of 2)."""
-    best = float("inf")
+def tokenizer_rate(tokenizer, texts: list[str]) -> tuple[float, float]:
+    """(rows/s, CPU ms per row) of the tokenizer's batch encoding over `texts` (best of 2)."""
+    best, cpu = float("inf"), float("inf")
     for _ in range(2):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(texts), 2000):
             tokenizer(texts[i:i + 2000], add_special_tokens=False)
         best = min(best, time.perf_counter() - start)
-    return len(texts) / best
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return len(texts) / best, 1e3 * cpu / len(texts)
 
 
 def stage_profile(path: Path, base: Path, rows: int) -> dict[str, float]:
@@ -112,12 +131,30 @@ def build_base(folder: Path, texts: list[str]) -> Path:
     return build_embedded_base(ModelConfig(), iter(texts), folder / "base")
 
 
-def run_prepare(overrides: list[str], out: Path) -> tuple[dict, float, tuple[float, float]]:
+def warm_workers(base: Path, count: int) -> None:
+    """Start `count` Ray workers side by side and load what the stages load (transformers, the
+    tokenizer, the de-identifier's patterns): a long run pays this once per worker, so the
+    timed runs should not. A cold start costs each worker several CPU seconds."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def warm(path: str) -> int:
+        from pipelines import data_stages
+
+        data_stages._tokenizer(path, "llama3")
+        data_stages._deidentifier()
+        time.sleep(2)  # keep this worker busy so that the next call starts another
+        return os.getpid()
+
+    ray.get([warm.remote(str(base)) for _ in range(count)])
+
+
+def run_prepare(overrides: list[str], out: Path) -> tuple[dict, float, tuple[float, float, float]]:
     from pipelines.config import load_recipe
     from pipelines.prepare import prepare
 
     recipe = load_recipe("local", overrides)
-    watch = TreeMemory()
+    watch = TreeMonitor()
     start = time.perf_counter()
     manifest = prepare(recipe, output=out)
     wall = time.perf_counter() - start
@@ -155,19 +192,24 @@ def main() -> None:
     print(f"\n## 1. End to end vs the raw tokenizer: {args.rows} reports, {megabytes:.1f} MB of report text")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     tok = load_tokenizer(base, "llama3")
-    before = tokenizer_rate(tok, texts)
+    before, before_cpu = tokenizer_rate(tok, texts)
     ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=512 * 2**20,
              _temp_dir=tempfile.mkdtemp(prefix="medray-ray-"),
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    manifest, wall, _ = run_prepare([*study, f"data.inputs=[{reports}]"], work / "ratio")
-    after = tokenizer_rate(tok, texts)
-    tokenizer = (before + after) / 2
-    pipeline = manifest["rows_read"] / wall
+    warm_workers(base, args.cpus)
+    run_prepare([*study, "data.synthetic.num_reports=2000"], work / "warm-up")  # Ray Data's own actors
+    manifest, wall, (_, _, cpu) = run_prepare([*study, f"data.inputs=[{reports}]"], work / "ratio")
+    after, after_cpu = tokenizer_rate(tok, texts)
+    tokenizer, tokenizer_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
+    rows = manifest["rows_read"]
+    pipeline, pipeline_cpu = rows / wall, 1e3 * cpu / rows
     print(f"raw tokenizer, batch of the report texts : {tokenizer:9.0f} rows/s  ({before:.0f} before, "
-          f"{after:.0f} after the pipeline)")
+          f"{after:.0f} after the pipeline); {tokenizer_cpu:.3f} CPU ms/row")
     print(f"prepare, end to end                      : {pipeline:9.0f} rows/s  ({wall:.1f} s; stages "
-          f"{manifest['stage_seconds']})")
-    print(f"ratio prepare / tokenizer                : {pipeline / tokenizer:9.3f}   (target >= 0.5)")
+          f"{manifest['stage_seconds']}); {pipeline_cpu:.3f} CPU ms/row (driver + every Ray process)")
+    print(f"ratio prepare / tokenizer, wall          : {pipeline / tokenizer:9.3f}   (target >= 0.5)")
+    print(f"ratio prepare / tokenizer, CPU time      : {tokenizer_cpu / pipeline_cpu:9.3f}   (what the wall ratio "
+          "would be on an otherwise idle machine)")
     print(f"kept {manifest['rows_kept']} of {manifest['rows_read']}: {manifest['rejects_by_reason']}; "
           f"sft/train efficiency {manifest['packed']['sft/train']['efficiency']}")
 
@@ -181,11 +223,12 @@ def main() -> None:
 
     if args.scale:
         print("\n## 3. Scale: synthetic reports generated in the pipeline (same settings)")
-        print(f"{'reports':>10} {'wall s':>9} {'rows/s':>9} {'peak RSS, driver + Ray':>24} {'driver':>8}")
+        print(f"{'reports':>10} {'wall s':>9} {'rows/s':>9} {'CPU ms/row':>11} {'peak RSS, driver + Ray':>24} "
+              f"{'driver':>8}")
         for n in args.scale:
-            manifest, wall, (tree, driver) = run_prepare([*study, f"data.synthetic.num_reports={n}"],
-                                                         work / f"scale-{n}")
-            print(f"{n:>10} {wall:9.1f} {n / wall:9.0f} {tree:21.2f} GiB {driver:6.2f} GiB   "
+            manifest, wall, (tree, driver, cpu) = run_prepare([*study, f"data.synthetic.num_reports={n}"],
+                                                              work / f"scale-{n}")
+            print(f"{n:>10} {wall:9.1f} {n / wall:9.0f} {1e3 * cpu / n:11.3f} {tree:21.2f} GiB {driver:6.2f} GiB   "
                   f"stages {manifest['stage_seconds']}", flush=True)
             shutil.rmtree(work / f"scale-{n}")
     ray.shutdown()

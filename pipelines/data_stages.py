@@ -78,7 +78,8 @@ def field_value(value: Any, max_chars: int) -> tuple[str | None, str | None]:
 
 def canonical_row(values: dict[str, Any] | None, error: str | None, mapping: dict[str, str], max_chars: int,
                   ) -> dict[str, Any]:
-    """The record fields of one parsed input row; a bad row keeps no text, only its reason."""
+    """The record fields of one parsed input row; a bad row keeps its reason and, when that
+    parsed, its id, never its text."""
     row: dict[str, Any] = {"reject_reason": error, "id": None, **dict.fromkeys(TEXT_FIELDS)}
     if values is None:
         return row
@@ -258,9 +259,10 @@ def select_batch(batch: pa.Table, duplicates: np.ndarray, thresholds: dict[str, 
     reasons = batch.column("reject_reason").to_pylist()
     splits = batch.column("split").to_pylist()
     row_keys = batch.column("row_key").to_numpy(zero_copy_only=False)
-    at = np.searchsorted(duplicates, row_keys)
-    is_duplicate = (at < len(duplicates)) & (duplicates[np.minimum(at, len(duplicates) - 1)] == row_keys) \
-        if len(duplicates) else np.zeros(len(row_keys), bool)
+    if len(duplicates):  # a binary search per row: the duplicates can be many, a batch is small
+        is_duplicate = duplicates[np.minimum(np.searchsorted(duplicates, row_keys), len(duplicates) - 1)] == row_keys
+    else:
+        is_duplicate = np.zeros(len(row_keys), bool)
     sources = batch.column("source").to_pylist()
     sample_keys = batch.column("sample_key").to_pylist()
     for i, reason in enumerate(reasons):

@@ -4,8 +4,8 @@ Each row of a batch has its own temperature, top-p, token budget, stop token ids
 strings (and, for a PEFT model, its own adapter), so a dynamic batch can mix requests freely.
 Rows are left-padded; a KV cache carries the prefix; a finished row leaves the batch.
 
-`generate` decodes a batch to the end; `BatchDecoder` does it one token per step and reports
-each row's new text, which is what a streaming server sends.
+`generate` decodes a batch to the end; `BatchDecoder` does it one token per step, reports each
+row's new text (what a streaming server sends) and takes new rows between steps.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -109,31 +110,39 @@ class TextStream:
 
 
 class BatchDecoder:
-    """Decodes one batch, one token for every unfinished row per `step()`."""
+    """Decodes a batch, one token for every unfinished row per `step()`.
 
-    def __init__(self, model, tokenizer, prompts: list[list[int]], settings: list[Sampling],
-                 adapter_names: list[str] | None = None):
-        self.model, self.settings = model, settings
+    `add()` lets new rows join between steps (continuous batching): they are prefilled on
+    their own, and their KV cache is then laid beside the running rows' cache, both left-padded
+    to one width. A row that finishes leaves the batch at once.
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.prompt_tokens = [len(p) for p in prompts]
-        self.streams = [TextStream(tokenizer, s.stop) for s in settings]
-        self.reasons: list[str | None] = [None] * len(prompts)
-        self.generators = [torch.Generator().manual_seed(s.seed) if s.seed is not None else None for s in settings]
-        width = max(self.prompt_tokens)
-        self.input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
-        self.mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            self.input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            self.mask[i, width - len(p):] = 1
-        self.input_ids, self.mask = self.input_ids.to(self.device), self.mask.to(self.device)
-        self.adapter_names = adapter_names
-        self.rows = list(range(len(prompts)))  # rows still decoding, in cache order
+        # Per row, by row id (the order rows were added in):
+        self.settings: list[Sampling] = []
+        self.streams: list[TextStream] = []
+        self.reasons: list[str | None] = []
+        self.generators: list[torch.Generator | None] = []
+        self.adapters: list[str | None] = []
+        self.prompt_tokens: list[int] = []
+        # The running rows, in cache order, and what the next forward pass feeds them.
+        self.rows: list[int] = []
         self.past = None
+        self.input_ids = self.mask = None  # mask: the cache's positions, then the next input's
 
     @property
     def done(self) -> bool:
         return not self.rows
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows can join a running batch: only a plain (not sliding-window) cache is laid
+        beside another."""
+        return self.past is None or all(isinstance(layer, DynamicLayer) and not layer.is_sliding
+                                        for layer in self.past.layers)
 
     def cancel(self, row: int) -> None:
         """Stop decoding a row nobody waits for any more (its client went away)."""
@@ -141,23 +150,63 @@ class BatchDecoder:
             self.reasons[row] = "cancelled"
 
     @torch.no_grad()
-    def step(self) -> list[Delta | None]:
-        """One forward pass; per row its new text, or None for a row that finished before."""
+    def add(self, prompts: list[list[int]], settings: list[Sampling],
+            adapter_names: list[str] | None = None) -> dict[int, Delta]:
+        """Prefill new rows (token ids), let them join the batch; returns their first tokens' text
+        by row id, in the order given."""
+        ids = list(range(len(self.settings), len(self.settings) + len(prompts)))
+        for prompt, s, name in zip(prompts, settings, adapter_names or [None] * len(prompts)):
+            self.settings.append(s)
+            self.streams.append(TextStream(self.tokenizer, s.stop))
+            self.reasons.append(None)
+            self.generators.append(torch.Generator().manual_seed(s.seed) if s.seed is not None else None)
+            self.adapters.append(name)
+            self.prompt_tokens.append(len(prompt))
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for k, prompt in enumerate(prompts):
+            input_ids[k, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[k, width - len(prompt):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        out = self._forward(ids, input_ids, mask, None)
+        deltas, tokens = self._advance(ids, out.logits[:, -1, :])
+        self._join(ids, out.past_key_values, self._next_inputs(tokens), self._grown(mask))
+        self._drop_finished()
+        return deltas
+
+    @torch.no_grad()
+    def step(self) -> dict[int, Delta]:
+        """One forward pass for the running rows; their new text by row id."""
         self._drop_finished()  # rows cancelled since the last step
-        deltas: list[Delta | None] = [None] * len(self.settings)
         if self.done:
-            return deltas
-        position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -self.input_ids.size(1):]
-        extra = {"adapter_names": [self.adapter_names[i] for i in self.rows]} if self.adapter_names else {}
+            return {}
+        out = self._forward(self.rows, self.input_ids, self.mask, self.past)
+        self.past = out.past_key_values
+        deltas, tokens = self._advance(self.rows, out.logits[:, -1, :])
+        self.input_ids, self.mask = self._next_inputs(tokens), self._grown(self.mask)
+        self._drop_finished()
+        return deltas
+
+    def results(self) -> list[Generated]:
+        return [Generated(text=stream.final_text(), token_ids=list(stream.token_ids),
+                          finish_reason=reason or "length", prompt_tokens=n)
+                for stream, reason, n in zip(self.streams, self.reasons, self.prompt_tokens)]
+
+    def _forward(self, rows: list[int], input_ids: torch.Tensor, mask: torch.Tensor, past):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.size(1):]
+        names = [self.adapters[i] for i in rows]
+        extra = {"adapter_names": names} if names[0] is not None else {}
         # Only the last position's logits are needed: skipping the rest saves a large matmul
         # over every prompt token.
-        out = self.model(input_ids=self.input_ids, attention_mask=self.mask, position_ids=position_ids,
-                         past_key_values=self.past, use_cache=True, logits_to_keep=1, **extra)
-        self.past = out.past_key_values
-        logits = out.logits[:, -1, :]
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=past, use_cache=True, logits_to_keep=1, **extra)
+
+    def _advance(self, rows: list[int], logits: torch.Tensor) -> tuple[dict[int, Delta], list[int]]:
+        """Pick each row's next token, check its stops, and say what text it adds."""
         greedy = logits.argmax(-1).tolist()  # one call for the whole batch
-        next_ids = []
-        for k, i in enumerate(self.rows):
+        deltas, tokens = {}, []
+        for k, i in enumerate(rows):
             s, stream = self.settings[i], self.streams[i]
             token = greedy[k] if s.temperature <= 0 else _pick(logits[k], s, self.generators[i])
             if token in s.stop_token_ids:
@@ -168,32 +217,62 @@ class BatchDecoder:
                 self.reasons[i] = "length"
             text = stream.finish() if self.reasons[i] else stream.release()
             deltas[i] = Delta(text, len(stream.token_ids), self.reasons[i])
-            next_ids.append(token)
-        self.input_ids = torch.tensor(next_ids, dtype=torch.long, device=self.device).unsqueeze(1)
-        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)], 1)
-        self._drop_finished()
-        return deltas
+            tokens.append(token)
+        return deltas, tokens
+
+    def _next_inputs(self, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+
+    def _grown(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mask, torch.ones((mask.size(0), 1), dtype=torch.long, device=self.device)], 1)
+
+    def _join(self, rows: list[int], past, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        if self.done:
+            self.rows, self.past, self.input_ids, self.mask = rows, past, input_ids, mask
+            return
+        if not self.can_join:
+            raise ValueError("this model's cache cannot take rows into a running batch; add them when it is done")
+        width = max(self.mask.size(1), mask.size(1))
+        for mine, theirs in zip(self.past.layers, past.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width - 1, -2), _left_pad(theirs.keys, width - 1, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, width - 1, -2), _left_pad(theirs.values, width - 1, -2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)])
+        self.input_ids = torch.cat([self.input_ids, input_ids])
+        self.rows = self.rows + rows
 
     def _drop_finished(self) -> None:
         keep = [k for k, i in enumerate(self.rows) if self.reasons[i] is None]
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[k] for k in keep]
-        if self.rows and self.past is not None:
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self.past.batch_select_indices(index)
-            self.input_ids, self.mask = self.input_ids[index], self.mask[index]
+        if not self.rows:
+            self.past = self.input_ids = self.mask = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.past.batch_select_indices(index)
+        self.input_ids, self.mask = self.input_ids[index], self.mask[index]
+        # Columns that were padding for every row left are dropped, so joins do not widen the
+        # cache for good.
+        first = int(self.mask.any(0).nonzero()[0])
+        if first and self.can_join:
+            for layer in self.past.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.mask = self.mask[:, first:]
 
-    def results(self) -> list[Generated]:
-        return [Generated(text=stream.final_text(), token_ids=list(stream.token_ids),
-                          finish_reason=reason or "length", prompt_tokens=n)
-                for stream, reason, n in zip(self.streams, self.reasons, self.prompt_tokens)]
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`x` with zeros before its entries along `dim` (-1 or -2) up to `width`."""
+    missing = width - x.size(dim)
+    if not missing:
+        return x
+    return torch.nn.functional.pad(x, (missing, 0) if dim == -1 else (0, 0, missing, 0))
 
 
 def generate(model, tokenizer, prompts: list[list[int]], settings: list[Sampling],
              adapter_names: list[str] | None = None) -> list[Generated]:
     """Decode every prompt (token ids) with its own settings; returns text without the prompt."""
-    decoder = BatchDecoder(model, tokenizer, prompts, settings, adapter_names)
+    decoder = BatchDecoder(model, tokenizer)
+    decoder.add(prompts, settings, adapter_names)
     while not decoder.done:
         decoder.step()
     return decoder.results()

@@ -190,6 +190,14 @@ def clear_outputs(out: Path) -> None:
 # ------------------------------------------------------------------ the Ray Data passes
 
 
+def one_block_per_file(count: int):
+    """A dataset of the indices 0..count-1, one per block: each file gets a task of its own
+    (`ray.data.from_items` hands all its blocks to a single task)."""
+    import ray.data
+
+    return ray.data.range(count, override_num_blocks=count)
+
+
 def cleaned_dataset(recipe: Recipe, sources: list[Source]):
     """Pass 1: every input row as a cleaned, de-identified record (or a reject with its reason)."""
     import ray.data
@@ -204,7 +212,7 @@ def cleaned_dataset(recipe: Recipe, sources: list[Source]):
     else:
         files = [(path, s.name) for s in sources for path in s.files]
         ds = one_block_per_file(len(files)).map_batches(
-            data_stages.read_files_batch, batch_format="pyarrow", batch_size=1,
+            data_stages.read_files_batch, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"files": files, "sources": {s.name: s.spec() for s in sources}, "encoding": data.encoding,
                        "max_field_chars": data.max_field_chars, "rows_per_block": BLOCK_ROWS})
         # A file is read by one task; cutting its stream into blocks here lets cleaning (the
@@ -223,14 +231,6 @@ def selected_batches(cleaned: Path, selection: Selection, columns: list[str]):
         yield data_stages.select_batch(pa.Table.from_batches([batch]), selection.duplicates, selection.thresholds)
 
 
-def one_block_per_file(count: int):
-    """A dataset of the indices 0..count-1, one per block: each file gets a task of its own
-    (`ray.data.from_items` hands all its blocks to a single task)."""
-    import ray.data
-
-    return ray.data.range(count, override_num_blocks=count)
-
-
 def parquet_dataset(folder: Path):
     """The Parquet files under `folder` as a Ray dataset, each file read by the task that uses it.
 
@@ -240,16 +240,18 @@ def parquet_dataset(folder: Path):
     """
     files = [str(p) for p in sorted(folder.rglob("*.parquet"))]
     return one_block_per_file(len(files)).map_batches(data_stages.read_parquet_batch, batch_format="pyarrow",
-                                                      batch_size=1, fn_kwargs={"files": files})
+                                                      batch_size=None, fn_kwargs={"files": files})
 
 
 def tokens_dataset(recipe: Recipe, sources: list[Source], cleaned: Path, selection: Selection, tokenizer: Path):
     """Pass 3: the selection's drops become rejects; train and eval records get their token ids."""
     data = recipe.data
+    # Whole blocks (one cleaned file each, BLOCK_ROWS rows at most): a batch size here would make
+    # the fused read task wait for that many *files* and read them all itself.
     ds = parquet_dataset(cleaned)
-    ds = ds.map_batches(data_stages.select_batch, batch_format="pyarrow",
+    ds = ds.map_batches(data_stages.select_batch, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"duplicates": selection.duplicates, "thresholds": selection.thresholds})
-    return ds.map_batches(data_stages.encode_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS,
+    return ds.map_batches(data_stages.encode_batch, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"tokenizer_path": str(tokenizer), "chat_format": recipe.model.chat_format,
                                      "lead_in_probability": data.lead_in_probability,
                                      "max_length": data.pack_length, "overlong": data.overlong,
@@ -341,26 +343,36 @@ def pack_all(recipe: Recipe, sources: list[Source], tokens: Path, out: Path, tok
     return dict(zip(refs, ray.get(list(refs.values()))))
 
 
+def count_records(out: Path) -> dict[str, Counter]:
+    """Rows per split, reject reason, input file and (kept rows) source, and PHI per type, streamed."""
+    records = pads.dataset(str(out / "records"), format="parquet", partitioning="hive")
+    counts: dict[str, Counter] = {name: Counter() for name in ("split", "reject_reason", "file", "source", "phi")}
+    for batch in records.to_batches(columns=["split", "reject_reason", "file", "source", "phi"], batch_size=65536):
+        kept = batch.filter(pc.is_null(batch.column("reject_reason")))
+        for name, column in (("split", batch.column("split")), ("reject_reason", batch.column("reject_reason")),
+                             ("file", batch.column("file")), ("source", kept.column("source"))):
+            for item in pc.value_counts(column).to_pylist():
+                counts[name][item["values"]] += item["counts"]
+        for found in batch.column("phi").to_pylist():
+            if found != "{}":
+                counts["phi"].update(json.loads(found))
+    counts["reject_reason"].pop(None, None)
+    return counts
+
+
 def summarize(recipe: Recipe, sources: list[Source], out: Path, tokens: Path, selection: Selection,
               packed: dict[str, dict]) -> dict:
-    records = pads.dataset(str(out / "records"), format="parquet", partitioning="hive")
-    table = records.to_table(columns=["split", "reject_reason", "phi", "source", "file"])
-    splits = Counter(table.column("split").to_pylist())
-    reasons = Counter(r for r in table.column("reject_reason").to_pylist() if r)
-    phi = dict.fromkeys(PHI_TYPES, 0)
-    for counts in table.column("phi").to_pylist():
-        for kind, n in json.loads(counts).items():
-            phi[kind] += n
-    kept = table.filter(pc.is_null(table.column("reject_reason")))
+    counts = count_records(out)
+    reasons = counts["reject_reason"]
     truncated = pads.dataset(str(tokens), format="parquet").to_table(columns=["truncated"]).column("truncated")
     manifest = {
         "recipe": recipe.name, "task": recipe.data.task,
-        "rows_read": table.num_rows, "rows_kept": kept.num_rows, "rows_rejected": sum(reasons.values()),
-        "rejects_by_reason": dict(sorted(reasons.items())),
-        "splits": {s: splits.get(s, 0) for s in ("train", "eval", "test")},
-        "inputs": dict(sorted(Counter(table.column("file").to_pylist()).items())),
-        "phi_replacements": phi, "pack_length": recipe.data.pack_length,
-        "truncated_examples": pc.sum(truncated).as_py() or 0, "packed": {},
+        "rows_read": sum(counts["split"].values()), "rows_kept": sum(counts["source"].values()),
+        "rows_rejected": sum(reasons.values()), "rejects_by_reason": dict(sorted(reasons.items())),
+        "splits": {s: counts["split"].get(s, 0) for s in ("train", "eval", "test")},
+        "inputs": dict(sorted(counts["file"].items())),
+        "phi_replacements": {kind: counts["phi"].get(kind, 0) for kind in PHI_TYPES},
+        "pack_length": recipe.data.pack_length, "truncated_examples": pc.sum(truncated).as_py() or 0, "packed": {},
     }
     for name, stats in sorted(packed.items()):
         slots = stats["rows"] * recipe.data.pack_length
@@ -369,7 +381,7 @@ def summarize(recipe: Recipe, sources: list[Source], out: Path, tokens: Path, se
         manifest["packed"][name] = {**stats, "efficiency": round(stats["tokens"] / slots, 4) if slots else None,
                                     "padding_efficiency": round(stats["tokens"] / padded, 4) if padded else None}
     if selection.targets:
-        achieved = Counter(kept.column("source").to_pylist())
+        achieved = counts["source"]
         total_target, total_achieved = sum(selection.targets.values()), sum(achieved.values())
         manifest["mixture"] = {s.name: {
             "target": selection.targets[s.name], "available": selection.available.get(s.name, 0),

@@ -158,7 +158,8 @@ class DeepSpeedMethod:
     def export(self, directory: str, rank: int) -> None:
         """Rank 0 writes a Hugging Face directory: full safetensors weights, or a PEFT adapter."""
         # Collective: gathers the ZeRO-3 shards into one 16-bit state dict on rank 0.
-        state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else self.engine.module.state_dict()
+        engine = self.engine
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if self.zero3 else engine.module.state_dict()
         if rank == 0:
             self.engine.module.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
 

@@ -4,7 +4,7 @@ Serve's `@serve.multiplexed` decides which adapters a replica keeps (least recen
 first, bounded per replica) and drops an evicted adapter's handle by calling its `__del__`;
 garbage collection calls it again later, maybe after the same adapter was loaded anew. So a
 handle's `__del__` only queues a notice, and the pool deletes an adapter when its notice is
-current and no running batch uses it. PEFT cannot drop the last adapter of a model, so the
+current and no request under way uses it. PEFT cannot drop the last adapter of a model, so the
 last one stays until another replaces it.
 """
 
@@ -84,8 +84,11 @@ class AdapterPool:
             self._users[name] -= 1
 
     def sweep(self) -> None:
-        """Delete evicted adapters that no batch uses (blocking: call it in a thread)."""
-        if self._notices or self._evicted:
+        """Delete evicted adapters that no request uses (blocking: call it in a thread); it waits
+        for the forward pass under way only when there is something to delete."""
+        with self._state:
+            idle = any(not self._users[n] for n in self._evicted) and len(self.model.peft_config) > 1
+        if self._notices or idle:
             with self.model_lock:
                 self._sweep()
 

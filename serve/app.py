@@ -47,7 +47,7 @@ def _model_dir(path: str, what: str) -> str:
     return str(resolved)
 
 
-def _adapter_dir(path: str, what: str) -> str:
+def _adapter_dir(path: str) -> str:
     resolved = Path(path).expanduser().resolve()
     require_safetensors(resolved)
     return str(resolved)
@@ -83,10 +83,8 @@ def engine_name(model_id: str, base: bool) -> str:
 
 
 def with_env(options: dict[str, Any]) -> dict[str, Any]:
-    """Deployment options whose replicas never reach a model hub and size torch's threads to
-    the CPUs they reserved."""
-    cpus = options["ray_actor_options"]["num_cpus"]
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(cpus)))}
+    """Deployment options whose replicas never reach a model hub."""
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return {**options, "ray_actor_options": {**options["ray_actor_options"], "runtime_env": {"env_vars": env}}}
 
 
@@ -108,7 +106,7 @@ def app(args: dict[str, Any]) -> serve.Application:
     base = args.get("model") or recipe.model.path
     if not base:
         raise ValueError("serve.app: give model=<base model directory> (or model.path in the recipe)")
-    adapters = {k: _adapter_dir(v, f"adapter {k}") for k, v in {**s.adapters, **parse_pairs(args.get("adapters"))}.items()}
+    adapters = {k: _adapter_dir(v) for k, v in {**s.adapters, **parse_pairs(args.get("adapters"))}.items()}
     full = {k: _model_dir(v, f"model {k}") for k, v in {**s.models, **parse_pairs(args.get("models"))}.items()}
     paths = {s.model_id: _model_dir(base, "base model"), **full}
     clashes = (set(adapters) & set(paths)) | ({s.model_id} & set(full))

@@ -144,7 +144,8 @@ def _pairs(text: str | None) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser(__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=["medray", "vllm"], default="medray")
-    parser.add_argument("--model", default=None, help="base model directory as the replicas see it (default: model.path)")
+    parser.add_argument("--model", default=None,
+                        help="base model directory as the replicas see it (default: the recipe's model.path)")
     parser.add_argument("--adapters", default=None, help="medray: ID=DIR,... LoRA adapters of the base")
     parser.add_argument("--adapter-store", default=None,
                         help="vllm: s3://, gs:// or abfss:// prefix holding one folder per adapter id")

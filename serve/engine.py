@@ -2,23 +2,28 @@
 
 Requests arrive from the gateway (never from HTTP) as token ids and sampling settings; the
 adapter is the request's multiplexed model id, so Serve routes it to a replica that already
-holds the adapter. `@serve.batch` gathers requests into a batch that is decoded one token per
-step; each step hands every request its new text, which streams out while the batch goes on.
-Serve splits a batch by multiplexed model id; the sub-batches' steps take turns on the model.
+holds the adapter. Batching is continuous (serve/scheduler.py): a request joins the running
+batch at the next token and streams its text out as it is decoded; requests for the base and
+for different adapters share one forward pass.
+
+Not `@serve.batch`: it runs a batch to its end before it starts the next (so requests that
+miss a batch wait for its longest answer), and Ray Serve splits its batches by multiplexed
+model id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import ray
 from ray import serve
 
-from pipelines.generation import BatchDecoder, Delta, Sampling
+from pipelines.generation import Delta, Sampling
 from serve.adapters import BASE, AdapterPool
+from serve.scheduler import Scheduler
 
 
 @dataclass
@@ -36,13 +41,6 @@ class Completion:
     completion_tokens: int
 
 
-@dataclass
-class _Row:
-    job: Job
-    adapter: str | None
-    cancelled: bool = field(default=False)
-
-
 @serve.deployment
 class Engine:
     def __init__(self, model_path: str, recipe: dict, adapters: dict[str, str]):
@@ -53,7 +51,9 @@ class Engine:
 
         recipe = Recipe.model_validate(recipe)
         s = recipe.serve
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        # As many torch threads as CPUs reserved: more would fight the other replicas for them.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
         self.tokenizer = load_tokenizer(model_path, recipe.model.chat_format)
         model_cfg = recipe.model.model_copy(update={"dtype": s.dtype or recipe.model.dtype})
         # On a replica with GPUs the weights go onto them (split across several if need be).
@@ -71,8 +71,8 @@ class Engine:
                 return await asyncio.to_thread(self.pool.load, name)
 
             self.adapter = serve.multiplexed(max_num_models_per_replica=s.max_adapters_per_replica)(load_adapter)
-        self._decode.set_max_batch_size(s.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.scheduler = Scheduler(self.model, self.tokenizer, self.model_lock, s.max_batch_size,
+                                   s.batch_wait_timeout_s)
 
     async def complete(self, job: Job) -> Completion:
         pieces, last = [], Delta("", 0, "length")
@@ -90,35 +90,12 @@ class Engine:
         if adapter:
             await self.adapter(adapter)
             self.pool.acquire(adapter)
-        row = _Row(job, adapter)
         try:
-            async for delta in self._decode(row):
+            name = (adapter or BASE) if self.pool else None
+            async for delta in self.scheduler.generate(job.prompt, job.sampling, name):
                 if delta.text or delta.finish_reason:
                     yield delta
         finally:
-            row.cancelled = True  # no-op once finished; stops decoding for a client that left
             if adapter:
                 self.pool.release(adapter)
                 await asyncio.to_thread(self.pool.sweep)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # replaced from the recipe in __init__
-    async def _decode(self, rows: list[_Row]) -> AsyncIterator[list]:
-        names = [row.adapter or BASE for row in rows] if self.pool else None
-        decoder = BatchDecoder(self.model, self.tokenizer, [r.job.prompt for r in rows],
-                               [r.job.sampling for r in rows], names)
-        finished = [False] * len(rows)
-        while not decoder.done:
-            for i, row in enumerate(rows):
-                if row.cancelled:
-                    decoder.cancel(i)
-            deltas = await asyncio.to_thread(self._step, decoder)
-            out = []
-            for i, delta in enumerate(deltas):
-                # A finished request's stream ends; a quiet step gives an empty delta.
-                out.append(StopIteration if finished[i] else delta or Delta("", 0))
-                finished[i] = finished[i] or delta is None or delta.finish_reason is not None
-            yield out
-
-    def _step(self, decoder: BatchDecoder) -> list[Delta | None]:
-        with self.model_lock:
-            return decoder.step()

@@ -24,6 +24,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.generation import Sampling
+from pipelines.prompts import impression_messages, prompt_ids, stop_token_ids
 from serve.engine import Completion, Job
 from serve.responses import DONE, Reply, error_body, error_response, event, usage
 from serve.schemas import ChatRequest, CompletionRequest, ImpressionRequest, OpenAIError, Sampled
@@ -87,7 +88,6 @@ class Gateway:
 
         from pipelines.config import Recipe
         from pipelines.models import load_tokenizer
-        from pipelines.prompts import stop_token_ids
 
         recipe = Recipe.model_validate(recipe)
         self.serve_cfg, fmt = recipe.serve, recipe.model.chat_format
@@ -116,8 +116,6 @@ class Gateway:
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         body = await self.read(request, ChatRequest)
-        from pipelines.prompts import prompt_ids
-
         served = self.served(body.model)
         prompt = prompt_ids(served.tokenizer, [m.as_chat() for m in body.messages])
         return await self.answer(Reply(chat=True, model=body.model), served, prompt, body)
@@ -132,8 +130,6 @@ class Gateway:
     @api.post("/v1/impressions")
     async def impressions(self, request: Request) -> dict:
         """Findings (and exam code) in, impression out: the task the adapters were trained on."""
-        from pipelines.prompts import impression_messages, prompt_ids
-
         body = await self.read(request, ImpressionRequest)
         served = self.served(body.model)
         prompt = prompt_ids(served.tokenizer, impression_messages(body.findings, body.exam_code))

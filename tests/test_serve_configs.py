@@ -1,4 +1,4 @@
-"""The generated `serve deploy` configs: Ray Serve's own for this app, and Ray Serve LLM's for vLLM."""
+"""The app builder and the generated `serve deploy` configs (Ray Serve's own, and Ray Serve LLM's for vLLM)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,14 @@ def test_vllm_config_serves_the_same_models_with_the_same_chat_template(tmp_path
     assert first["lora_config"]["dynamic_lora_loading_path"] == "s3://bucket/medray/adapters"
     assert first["engine_kwargs"]["enable_lora"] and first["engine_kwargs"]["max_lora_rank"] >= 8
     assert full["model_loading_config"]["model_id"] == "full" and "lora_config" not in full
+
+
+def test_the_app_refuses_pickled_adapters_and_unknown_arguments(tmp_path):
+    from serve.app import app
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="safetensors"):
+        app({"model": str(tmp_path), "adapters": f"x={tmp_path / 'adapter'}"})
+    with pytest.raises(ValueError, match="unknown argument"):
+        app({"model": str(tmp_path), "adapter": "x=y"})
