@@ -104,8 +104,12 @@ def load_model(path: str | Path, model_cfg: ModelConfig, *, quantization: Quanti
 
 def load_for_inference(base_path: str | Path, model_cfg: ModelConfig, adapter_path: str | Path | None = None,
                        quantization: QuantizationConfig | None = None):
-    """Base model (+ optional PEFT adapter) in eval mode with the KV cache on, for generation."""
-    model = load_model(base_path, model_cfg, quantization=quantization)
+    """Base model (+ optional PEFT adapter) in eval mode with the KV cache on, for generation.
+    With GPUs the weights go onto them, split across several if one cannot hold them."""
+    import torch
+
+    model = load_model(base_path, model_cfg, quantization=quantization,
+                       device_map="auto" if torch.cuda.is_available() else None)
     if adapter_path:
         from peft import PeftModel
 

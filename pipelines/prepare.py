@@ -15,8 +15,8 @@ The passes, each streaming:
 3. tokenize (Ray Data): drop what the selection dropped, template, tokenize (overlong rejects);
 4. pack (one Ray task per shard set): best-fit decreasing with open rows carried across windows.
 A user's mistake (a missing file, a column the recipe names that a file lacks) stops the run in
-one line before any of it. A rerun with the same inputs, data section, tokenizer and pipeline
-code finds the manifest's cache key and does nothing.
+one line before any of it. A rerun with the same inputs, data and model sections, tokenizer and
+pipeline code finds the manifest's cache key and does nothing.
 """
 
 from __future__ import annotations

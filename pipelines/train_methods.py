@@ -55,7 +55,14 @@ def lr_lambda(schedule: ScheduleConfig, total_steps: int):
     return factor
 
 
-def build_optimizer(params, opt: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, opt: OptimizerConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    if opt.name == "adamw" and cpu_offload:
+        # ZeRO-Offload steps the optimizer on the CPUs: DeepSpeed's vectorized CPU Adam (compiled on
+        # first use), since it refuses a torch AdamW there as too slow.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
+                                adamw_mode=True)
     if opt.name == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -83,6 +90,8 @@ def deepspeed_config(stage: StageConfig, model_cfg: ModelConfig) -> dict:
         # DeepSpeed vets only its own optimizers with ZeRO; a client Adafactor is sound (it sees
         # flat fp32 partitions, so it keeps a full second moment instead of a factored one).
         "zero_allow_untested_optimizer": stage.optimizer.name == "adafactor",
+        # DeepSpeed has no CPU Adafactor; offloaded, the client one runs on the CPUs as it is.
+        "zero_force_ds_cpu_optimizer": stage.optimizer.name != "adafactor",
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -128,7 +137,7 @@ class DeepSpeedMethod:
         model = load_trainable(base_path, stage, model_cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
         # A torch optimizer passed in spares DeepSpeed's fused-Adam compile (NOTES.md).
-        optimizer = build_optimizer(trainable, stage.optimizer)
+        optimizer = build_optimizer(trainable, stage.optimizer, cpu_offload=stage.training.offload_optimizer)
         scheduler = LambdaLR(optimizer, lr_lambda(stage.schedule, total_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
                                                     lr_scheduler=scheduler, config=ds_config)
@@ -183,6 +192,9 @@ class DdpMethod:
         self.optimizer = build_optimizer(list(self.trainable.values()), stage.optimizer)
         self.scheduler = LambdaLR(self.optimizer, lr_lambda(stage.schedule, total_steps))
         self.grad_clip = stage.optimizer.grad_clip or float("inf")
+        # fp16 (GPUs without bf16, e.g. V100) needs loss scaling or small gradients underflow to 0;
+        # DeepSpeed does it itself, DDP here. A no-op for bf16 and fp32.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=model_cfg.dtype == "float16")
 
     def train_step(self, batches: list[dict]) -> tuple[float, float | None]:
         losses = []
@@ -191,10 +203,12 @@ class DdpMethod:
             # Gradients cross the network once per step, on the last micro-batch.
             with self.model.no_sync() if not last and hasattr(self.model, "no_sync") else nullcontext():
                 loss, _ = packed_loss(self.model, batch)
-                (loss / len(batches)).backward()
+                self.scaler.scale(loss / len(batches)).backward()
             losses.append(loss.item())
+        self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), float(grad_norm)
@@ -208,7 +222,8 @@ class DdpMethod:
         if rank == 0:  # DDP keeps every rank identical: one copy is the state
             save_file({k: v.detach().contiguous() for k, v in self.trainable.items()},
                       os.path.join(directory, TRAINABLE_FILE))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict()},
                        os.path.join(directory, OPTIMIZER_FILE))
 
     def load_state(self, directory: str) -> None:
@@ -221,6 +236,7 @@ class DdpMethod:
         saved = torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
 
     def export(self, directory: str, rank: int) -> None:
         if rank == 0:

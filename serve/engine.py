@@ -1,4 +1,4 @@
-"""The model deployment: one model per replica, its LoRA adapters, and dynamic batching.
+"""The model deployment: one model per replica, its LoRA adapters, and continuous batching.
 
 Requests arrive from the gateway (never from HTTP) as token ids and sampling settings; the
 adapter is the request's multiplexed model id, so Serve routes it to a replica that already
@@ -47,7 +47,7 @@ class Engine:
         import torch
 
         from pipelines.config import Recipe
-        from pipelines.models import load_model, load_tokenizer
+        from pipelines.models import load_for_inference, load_tokenizer
 
         recipe = Recipe.model_validate(recipe)
         s = recipe.serve
@@ -56,11 +56,8 @@ class Engine:
         torch.set_num_threads(max(1, int(cpus)))
         self.tokenizer = load_tokenizer(model_path, recipe.model.chat_format)
         model_cfg = recipe.model.model_copy(update={"dtype": s.dtype or recipe.model.dtype})
-        # On a replica with GPUs the weights go onto them (split across several if need be).
-        model = load_model(model_path, model_cfg, quantization=recipe.quantization if s.load_in_4bit else None,
-                           device_map="auto" if torch.cuda.is_available() else None)
-        model.eval()
-        model.config.use_cache = True
+        model = load_for_inference(model_path, model_cfg,
+                                   quantization=recipe.quantization if s.load_in_4bit else None)
         # One forward pass at a time: adapter loads and deletions change the model's modules.
         self.model_lock = threading.Lock()
         self.pool = AdapterPool(model, adapters, self.model_lock) if adapters else None

@@ -54,6 +54,22 @@ def test_adafactor_option_and_its_deepspeed_config():
     assert not deepspeed_config(StageConfig(method="full"), ModelConfig())["zero_allow_untested_optimizer"]
 
 
+
+def test_offloaded_optimizer_is_one_deepspeed_accepts():
+    """ZeRO-Offload refuses a torch AdamW: AdamW becomes DeepSpeed's CPU Adam (a real step here),
+    and Adafactor, which DeepSpeed has no CPU version of, is let through as it is."""
+    params = [torch.nn.Parameter(torch.ones(4, 4))]
+    opt = build_optimizer(params, OptimizerConfig(lr=0.1, weight_decay=0.0), cpu_offload=True)
+    params[0].grad = torch.ones(4, 4)
+    opt.step()
+    assert type(opt).__name__ == "DeepSpeedCPUAdam" and params[0].data.lt(1).all()
+    for name, forced in (("adamw", True), ("adafactor", False)):
+        stage = StageConfig(method="full", optimizer=OptimizerConfig(name=name),
+                            training={"strategy": "deepspeed", "zero_stage": 3, "offload_optimizer": True})
+        config = deepspeed_config(stage, ModelConfig())
+        assert config["zero_force_ds_cpu_optimizer"] is forced
+        assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
 def test_flops_per_token():
     full = flops_per_token(1000, 1000, "full", num_layers=2, hidden_size=8, seq_len=16)
     lora = flops_per_token(1000, 10, "lora", num_layers=2, hidden_size=8, seq_len=16)
@@ -96,29 +112,35 @@ def test_a_resumed_position_replays_exactly_the_batches_that_follow(ray_session)
 # ------------------------------------------------------------------ checkpoint round trip
 
 
-def lora_method(base: str) -> DdpMethod:
+def lora_method(base: str, dtype: str) -> DdpMethod:
     torch.manual_seed(0)
     stage = StageConfig(method="lora", lora={"r": 4, "alpha": 8, "dropout": 0.1},
                         optimizer={"lr": 1e-2}, schedule={"warmup_steps": 2})
-    return DdpMethod(base, stage, ModelConfig(dtype="float32"), total_steps=8, device=torch.device("cpu"))
+    return DdpMethod(base, stage, ModelConfig(dtype=dtype), total_steps=8, device=torch.device("cpu"))
 
 
-def test_a_restored_method_takes_the_same_steps(tmp_path):
-    """Adapter weights, AdamW moments, schedule and the dropout RNG all survive the checkpoint."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_restored_method_takes_the_same_steps(tmp_path, dtype):
+    """Adapter weights, AdamW moments, schedule and the dropout RNG all survive the checkpoint, in
+    fp32 and in fp16 (with loss scaling)."""
     tokenizer = train_tokenizer(["no acute findings", "small left effusion"] * 20, 300, "llama3")
     base = tmp_path / "base"
     build_tiny_model(TinyModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                      num_key_value_heads=1, vocab_size=512), tokenizer).save_pretrained(base)
     table = packed_table(8)
     batch = {k: torch.tensor(table.column(k).to_pylist()) for k in ("input_ids", "labels", "position_ids")}
-    method = lora_method(str(base))
+    method = lora_method(str(base), dtype)
     for _ in range(3):
         method.train_step([batch, batch])
     (tmp_path / "ckpt").mkdir()
     save(str(tmp_path / "ckpt"), TrainState(step=3), method, rank=0)
     expected = [method.train_step([batch, batch]) for _ in range(3)]
 
-    fresh = lora_method(str(base))
+    fresh = lora_method(str(base), dtype)
     assert restore(str(tmp_path / "ckpt"), fresh, rank=0).step == 3
     assert [fresh.train_step([batch, batch]) for _ in range(3)] == expected
     assert fresh.lr() == method.lr()
+    assert fresh.scaler.is_enabled() == (dtype == "float16")
+    if dtype == "float16":  # loss scaling on: gradients did not underflow or overflow
+        assert fresh.scaler.get_scale() == method.scaler.get_scale() > 1
+        assert all(abs(loss) < float("inf") for loss, _ in expected)
