@@ -314,6 +314,72 @@ class ServeConfig(Strict):
         return self
 
 
+class SearchSpace(Strict):
+    """What a sweep varies: LoRA rank, alpha as a multiple of the rank, the peak learning rate
+    (log-uniform), and optionally the method. Prepared shards are packed at one length, so the
+    packing length is not part of the space."""
+
+    r: list[int] = [4, 8, 16, 32]
+    alpha_multiple: list[float] = [1, 2]  # alpha = multiple x r
+    lr: tuple[float, float] = (1e-5, 1e-3)  # log-uniform between the two
+    method: list[Literal["lora", "qlora"]] = []  # empty: the recipe's method
+
+    @field_validator("r", "alpha_multiple")
+    @classmethod
+    def _positive_choices(cls, choices: list) -> list:
+        if not choices:
+            raise ValueError("give at least one choice")
+        if any(c <= 0 for c in choices):
+            raise ValueError("choices must be positive")
+        if len(set(choices)) != len(choices):
+            raise ValueError("choices must be unique")
+        return choices
+
+    @field_validator("lr")
+    @classmethod
+    def _log_range(cls, lr: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < lr[0] < lr[1]:
+            raise ValueError("expected [low, high] with 0 < low < high")
+        return lr
+
+
+class TrialBudget(Strict):
+    """What one trial trains: cheaper than the final run if the recipe says so."""
+
+    max_steps: int | None = Field(None, gt=0)  # None: the recipe's training.max_steps (or epochs)
+    eval_every: int | None = Field(None, gt=0)  # None: the recipe's training.eval_every
+    data_fraction: float = Field(1.0, gt=0, le=1)  # of the packed training rows
+    num_workers: int = Field(1, gt=0)  # per trial; the global batch stays the recipe's (gradient accumulation)
+
+
+class TuneConfig(Strict):
+    """A Ray Tune sweep over the fine-tuning stage (see tune/)."""
+
+    space: SearchSpace = SearchSpace()
+    num_samples: int = Field(8, gt=0)
+    metric: Literal["eval_loss", "rouge_l"] = "eval_loss"
+    mode: Literal["min", "max"] | None = None  # None: min for eval_loss, max for rouge_l
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(10, gt=0)  # ASHA: steps every trial runs before it can be stopped
+    reduction_factor: float = Field(2, gt=1)
+    search_alg: Literal["optuna", "random"] = "optuna"
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's CPUs/GPUs hold
+    rouge_examples: int = Field(16, gt=0)  # held-out reports each trial generates for rouge_l
+    trial: TrialBudget = TrialBudget()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _metric_fits_scheduler(self) -> TuneConfig:
+        if self.metric == "rouge_l" and self.scheduler == "asha":
+            raise ValueError("rouge_l is measured once a trial ends, so ASHA cannot stop on it: "
+                             "use scheduler: fifo, or metric: eval_loss")
+        return self
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or ("min" if self.metric == "eval_loss" else "max")
+
+
 class Recipe(Strict):
     name: str
     output_dir: str = "runs/default"  # local path or shared storage URI prefix
@@ -330,6 +396,7 @@ class Recipe(Strict):
     scaling: ScalingConfig = ScalingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     serve: ServeConfig = ServeConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _method_fits_strategy(self) -> Recipe:
@@ -370,7 +437,7 @@ def apply_override(tree: dict, assignment: str) -> None:
     node[parts[-1]] = _parse_value(value)
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
+def format_validation_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
@@ -399,7 +466,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(str(path), err)) from None
+        raise RecipeError(format_validation_error(str(path), err)) from None
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -66,7 +66,8 @@ def ask_server(recipe: Recipe, base: Path, adapter: Path, example: dict) -> dict
     finally:
         serve.shutdown()
     return {"cold_start_s": round(cold, 1), "models": models, "request_id": example["id"],
-            "answer": reply.choices[0].message.content, "reference": example["impression"]}
+            "answer": reply.choices[0].message.content, "finish_reason": reply.choices[0].finish_reason,
+            "completion_tokens": reply.usage.completion_tokens, "reference": example["impression"]}
 
 
 def final_metrics(stage_dir: Path) -> dict:

@@ -118,8 +118,9 @@ def read_datasets(shards: Path) -> dict:
 
 
 def run_stage(recipe: Recipe, stage_name: str, stage: StageConfig, base_path: Path, shards: Path, rows: int,
-              out: Path, resume: bool) -> Path:
-    """One Ray Train run; returns the directory of the trained model (or adapter)."""
+              out: Path, resume: bool, callbacks: list | None = None) -> Path:
+    """One Ray Train run; returns the directory of the trained model (or adapter). `callbacks` go to
+    the Train RunConfig (a Tune sweep passes its TuneReportCallback)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -155,7 +156,7 @@ def run_stage(recipe: Recipe, stage_name: str, stage: StageConfig, base_path: Pa
         torch_config=TorchConfig(backend=s.backend),
         run_config=RunConfig(name=record["run_name"], storage_path=str((out / "ray_results").resolve()),
                              failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all", execution_options=ingest),
     )
@@ -172,7 +173,7 @@ def run_stage(recipe: Recipe, stage_name: str, stage: StageConfig, base_path: Pa
 
 
 def train(recipe: Recipe, data_dir: str | Path | None = None, output: str | Path | None = None,
-          resume: bool = False, stages: str = "all") -> dict[str, Path]:
+          resume: bool = False, stages: str = "all", callbacks: list | None = None) -> dict[str, Path]:
     """Train the recipe's stages on Ray Train; returns each stage's model (or adapter) directory."""
     data_dir = Path(data_dir or Path(recipe.output_dir) / "data")
     out = Path(output or Path(recipe.output_dir) / "train")
@@ -192,7 +193,7 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, output: str | Path
     dump_recipe(recipe, out / "recipe.yaml")
     models: dict[str, Path] = {}
     for name, stage, shards in plan:
-        models[name] = run_stage(recipe, name, stage, base, shards, rows[name], out, resume)
+        models[name] = run_stage(recipe, name, stage, base, shards, rows[name], out, resume, callbacks)
         base = models[name]
     return models
 

@@ -34,3 +34,14 @@ def ray_session():
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+def one_line_error(capsys, run, argv: list[str]) -> str:
+    """Run a CLI entry point that must refuse its input: exit 2, one `error:` line, no traceback."""
+    capsys.readouterr()  # what the fixtures printed
+    with pytest.raises(SystemExit) as exit_:
+        run(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2, err
+    assert "\n" not in err and "Traceback" not in err and err.startswith("error: "), err
+    return err

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import one_line_error
 
 from pipelines.config import TinyModelConfig, load_recipe
 from pipelines.models import build_tiny_model, tokenizer_fingerprint, train_tokenizer
@@ -79,13 +80,7 @@ def data(tmp_path_factory) -> Path:
 def run_cli(capsys, *argv: str) -> str:
     from pipelines.train import run
 
-    capsys.readouterr()  # what the fixtures printed
-    with pytest.raises(SystemExit) as exit_:
-        run(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2, err
-    assert "\n" not in err and "Traceback" not in err and err.startswith("error: "), err
-    return err
+    return one_line_error(capsys, run, list(argv))
 
 
 def test_missing_or_empty_data_dir(capsys, tmp_path):
