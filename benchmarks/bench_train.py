@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.config import ModelConfig, load_recipe
+from pipelines.config import load_recipe
 from pipelines.models import build_tiny_model, load_model, tokenizer_fingerprint, train_tokenizer
 from pipelines.packing import pack_examples
 from pipelines.prompts import impression_messages, supervised_example
@@ -71,7 +71,7 @@ def plain_loop(base: Path, data: Path, steps: int, threads: int) -> list[float]:
     """Seconds a step after warm-up: one process, the recipe's model settings, AdamW and clipping."""
     torch.set_num_threads(threads)
     table = pq.read_table(data / "sft" / "train", columns=["input_ids", "labels", "position_ids"])
-    model = load_model(base, ModelConfig())
+    model = load_model(base, load_recipe("local").model)
     model.train()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -119,7 +119,10 @@ def trl_run(base: Path, examples: list[dict], steps: int, threads: int, out: Pat
                                  "completion_mask": [[int(x != -100) for x in e["labels"]] for e in examples]})
     config = SFTConfig(output_dir=str(out), packing=True, max_length=LENGTH, per_device_train_batch_size=BATCH,
                        max_steps=steps, report_to="none", save_strategy="no", use_cpu=True,
-                       include_num_input_tokens_seen=True)
+                       include_num_input_tokens_seen=True,
+                       # Our precision, not TRL's bf16 autocast default (emulated on CPUs without bf16).
+                       model_init_kwargs={"dtype": load_recipe("local").model.dtype},
+                       bf16=load_recipe("local").model.dtype == "bfloat16")
     trainer = SFTTrainer(model=str(base), args=config, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(base), callbacks=[Clock()])
     trainer.train()
@@ -156,7 +159,8 @@ def main() -> None:
     base, threads, steps = data.parent / "base_model", os.cpu_count(), args.steps
     tokens = real_tokens_per_step(data, steps)
     print(f"tiny Llama ({load_recipe('local').model.tiny.hidden_size} hidden), {len(examples)} examples packed into "
-          f"{LENGTH}-token rows, micro-batch {BATCH}, {steps} steps, bf16; {tokens:.0f} real tokens a step\n")
+          f"{LENGTH}-token rows, micro-batch {BATCH}, {steps} steps, {load_recipe('local').model.dtype}; "
+          f"{tokens:.0f} real tokens a step\n")
 
     print(f"{'tokens/s (per worker)':44} {'best':>7} {'median':>7}")
     before = rate(tokens, plain_loop(base, data, steps, threads))
