@@ -7,13 +7,21 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed); shared with tune/plots.py."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_png(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write and free a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
 
 
 def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]],
@@ -34,7 +42,7 @@ def _generation(report: dict, path: Path) -> bool:
     rows = report.get("generation") or []
     if not rows:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     judge = {r["model"]: r for r in (report.get("judge") or {}).get("rows", [])}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, subset in zip(axes, ("all", "abnormal")):
@@ -46,9 +54,7 @@ def _generation(report: dict, path: Path) -> bool:
         _grouped_bars(ax, [r["model"] for r in rows], series)
         ax.set_title(f"{subset} references")
         ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
 
@@ -72,14 +78,12 @@ def _mcq(report: dict, path: Path) -> bool:
     errors = {f"{m} ({modes[m]})": [(cell[(m, b)]["ci_low"], cell[(m, b)]["ci_high"])
                                     if cell.get((m, b), {}).get("accuracy") is not None else None for b in benchmarks]
               for m in models}
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(benchmarks)), 4))
     _grouped_bars(ax, benchmarks, series, errors)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (95% CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
 
@@ -87,7 +91,7 @@ def _forgetting(report: dict, path: Path) -> bool:
     f = report.get("forgetting")
     if not f or not (f["rows"] or f["checkpoints"]):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if f["checkpoints"]:
         mode = _preferred_mode([{"mode": c["mode"], "accuracy": c["general"]["accuracy"]} for c in f["checkpoints"]])
@@ -106,9 +110,7 @@ def _forgetting(report: dict, path: Path) -> bool:
                                         for r in rows]})
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"accuracy ({mode})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
 
@@ -117,16 +119,14 @@ def _decontamination(report: dict, path: Path) -> bool:
     if not d or not sum(d["similarity_histogram"]["counts"]):
         return False
     edges, counts = np.array(d["similarity_histogram"]["edges"]), d["similarity_histogram"]["counts"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge")
     ax.axvline(d["threshold"], color="red", linestyle="--", label=f"threshold {d['threshold']}")
     ax.set_xlabel("best cosine similarity to a training text")
     ax.set_ylabel("evaluation items")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
 

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from pipelines.eval_plots import pyplot, save_png
 
 
 def _scatter(plt, rows: list[dict], best: dict | None, metric: str, x: str, path: Path, log_base: int) -> None:
@@ -30,9 +22,7 @@ def _scatter(plt, rows: list[dict], best: dict | None, metric: str, x: str, path
     ax.set_xlabel({"lr": "learning rate", "r": "LoRA rank"}[x])
     ax.set_ylabel(metric)
     ax.legend(fontsize=7, title="hollow: stopped early", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def _curves(plt, rows: list[dict], best: dict | None, path: Path) -> None:
@@ -44,9 +34,7 @@ def _curves(plt, rows: list[dict], best: dict | None, path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def draw_plots(rows: list[dict], best: dict | None, metric: str, out: Path) -> dict[str, Path]:
@@ -55,7 +43,7 @@ def draw_plots(rows: list[dict], best: dict | None, metric: str, out: Path) -> d
     curved = [row for row in rows if row["curve"]]
     if not scored and not curved:
         return {}
-    plt = _pyplot()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     if scored:
