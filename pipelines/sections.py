@@ -56,18 +56,20 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 # "IMPRESSION No acute ..." style: a capitalised heading opening a line of text.
 _CAPS_HEADING = re.compile(r"^[ \t]*(?P<name>FINDINGS AND IMPRESSION|FINDINGS|IMPRESSION|CONCLUSION)[ \t]+(?=\S)",
                            re.MULTILINE)
+# A signature line starts a line, or follows a sentence end and a blank; it is matched only at
+# those places (`_SIGNATURE_AT`): a search for it would try the pattern at every position.
 _SIGNATURE = re.compile(
-    r"(?:^|(?<=[.!?])[ \t]+)[ \t]*(?:"
+    r"[ \t]*(?:"
     r"(?:electronically |e-)?signed\b|dictated\b|transcribed\b|(?:read|interpreted|reviewed|verified|approved|"
     r"finalized|reported) by\b|attending(?: radiologist)?:|radiologist:|resident:|report (?:approved|finalized)\b|"
     r"I have personally reviewed\b"
-    r")"
     # "Name, MD" alone at the end of a line (case-sensitive: "to do" is not a credential)
-    r"|(?:^|(?<=[.!?])[ \t])[ \t]*"
-    r"(?-i:(?:Dr\.?[ \t]+)?[A-Z][A-Za-z'\-]+(?:[ \t]+(?:[A-Z]\.?|[A-Z][A-Za-z'\-]+)){0,3},?[ \t]+"
-    r"(?:M\.?D|D\.?O|MBBS|FRCR|Ph\.?D))\.?[ \t]*$",
+    r"|(?-i:(?:Dr\.?[ \t]+)?[A-Z][A-Za-z'\-]+(?:[ \t]+(?:[A-Z]\.?|[A-Z][A-Za-z'\-]+)){0,3},?[ \t]+"
+    r"(?:M\.?D|D\.?O|MBBS|FRCR|Ph\.?D))\.?[ \t]*$"
+    r")",
     re.IGNORECASE | re.MULTILINE,
 )
+_SIGNATURE_AT = re.compile(r"\n|[.!?](?=[ \t])")
 _NUMBERED_START = re.compile(r"^[ \t]*1[.)][ \t]+", re.MULTILINE)
 _SUMMARY_CUE = re.compile(r"(?:in summary|summary|overall|impression|conclusion)\b[:,]?", re.IGNORECASE)
 _CODE = re.compile(r"\b(?P<code>(?:CT|MR|XR|CR|DX|RF|FL|US|NM|PT|MG)[A-Z0-9]{2,10})\b(?P<sep>[ \t]*[-:|])?")
@@ -113,7 +115,11 @@ def _headers(text: str) -> list[tuple[str, int, int]]:
 
 def _clean_body(body: str) -> str | None:
     """Cut signature/dictation lines and surrounding whitespace; None when nothing is left."""
-    sig = _SIGNATURE.search(body)
+    sig = _SIGNATURE.match(body)
+    if not sig:
+        for place in _SIGNATURE_AT.finditer(body):
+            if sig := _SIGNATURE.match(body, place.end()):
+                break
     if sig:
         body = body[: sig.start()]
     body = body.strip()
@@ -153,8 +159,8 @@ def extract_sections(text: str | None) -> Sections:
     headers = _headers(text)
     bodies: dict[str, str | None] = {}
     for n, (kind, _, body_start) in enumerate(headers):
-        if kind in bodies:
-            continue  # the first occurrence of a section wins (later ones are addenda)
+        if kind in bodies or kind == "other":
+            continue  # the first occurrence of a section wins (later ones are addenda); "other" only ends one
         body_end = headers[n + 1][1] if n + 1 < len(headers) else len(text)
         body = text[body_start:body_end]
         if kind == "exam":

@@ -103,10 +103,14 @@ def run_record(stage_dir: Path, stage_name: str, resume: bool) -> dict:
 
 
 def read_datasets(shards: Path) -> dict:
-    """Train and eval shards, read in a fixed block layout (one block per row group) so that the
-    split across workers is the same on every run (see pipelines.train_data)."""
+    """Train and eval shards, read in a block layout fixed by the files and their row groups so
+    that the split across workers is the same on every run (see pipelines.train_data)."""
     import ray.data
 
+    # Ray Data's default (V2) Parquet reader lists footers on a pool of 32 actor processes every
+    # time a dataset runs: 5-10 s of start-up per pipeline on a 2-CPU node, for the few files of a
+    # packed shard. The V1 reader lists them in the process that plans the read.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     datasets = {}
     for split, columns in (("train", COLUMNS), ("eval", TENSOR_COLUMNS)):
         files = parquet_files(shards / split)
