@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import re
-import subprocess
 import time
 from collections import Counter
 from datetime import date
@@ -23,6 +22,7 @@ from pathlib import Path
 from pipelines.deid import PHI_TYPES, Deidentifier, Span
 from pipelines.phi_eval import measure, planted_phi_examples
 from pipelines.synthetic import iter_reports
+from provenance import git_commit
 
 IU_XRAY = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "radiology" / "iu_xray_dev.jsonl"
 
@@ -82,8 +82,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "uncommitted"
+    commit = git_commit()
     print(f"# bench_deid  {date.today()}  commit {commit}  Python {platform.python_version()}  "
           f"{platform.machine()}")
 

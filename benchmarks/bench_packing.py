@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from datetime import date
@@ -25,6 +24,7 @@ from pathlib import Path
 from pipelines import data_stages
 from pipelines.models import train_tokenizer
 from pipelines.packing import StreamingPacker, best_fit_decreasing, iter_windows
+from provenance import git_commit
 
 IU_XRAY = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "radiology" / "iu_xray_dev.jsonl"
 
@@ -52,8 +52,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1000, help="examples per window (data.pack_window)")
     parser.add_argument("--vocab", type=int, default=2048)
     args = parser.parse_args()
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = git_commit()
     print(f"# bench_packing  {date.today()}  commit {commit}  Python {platform.python_version()}")
     if not IU_XRAY.is_file():
         print(f"skipped: {IU_XRAY} not found (the public data set lives beside the checkout)")

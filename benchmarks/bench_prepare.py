@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -35,6 +34,8 @@ from datetime import date
 from pathlib import Path
 
 import psutil
+
+from provenance import git_commit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -179,8 +180,7 @@ def main() -> None:
     from pipelines.models import load_tokenizer
     from pipelines.synthetic import write_reports
 
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = git_commit()
     print(f"# bench_prepare  {date.today()}  commit {commit}  Python {platform.python_version()}  "
           f"{args.cpus} CPUs for Ray, {os.cpu_count()} on the machine, load average "
           f"{os.getloadavg()[0]:.1f} at start")

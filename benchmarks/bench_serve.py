@@ -27,7 +27,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -45,6 +44,7 @@ import openai  # noqa: E402
 from pipelines.config import load_recipe  # noqa: E402
 from pipelines.prompts import impression_messages  # noqa: E402
 from pipelines.synthetic import make_report  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 # This CPU has no bfloat16 arithmetic (no AVX512-BF16/AMX): float32 serves faster here. Three
 # quarters of a CPU per model replica lets both apps and their ingresses fit on 2 CPUs.
@@ -248,12 +248,6 @@ def kill_during_load(url: str, app: str, clients: int, seconds: float, max_token
             "statuses_after_kill": dict(after), "recovered_s": recovered,
             "replaced": victim["name"] not in {a["name"] for a in engine_replicas()} and bool(engine_replicas())}
 
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return commit.strip() + ("+uncommitted" if dirty.strip() else "")
 
 
 def main() -> None:

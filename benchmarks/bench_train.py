@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import date
@@ -40,6 +39,7 @@ from pipelines.prompts import impression_messages, supervised_example
 from pipelines.sections import extract_sections
 from pipelines.synthetic import iter_reports
 from pipelines.train_methods import packed_loss
+from provenance import git_commit
 
 LENGTH, BATCH, WARMUP = 512, 4, 3  # the local recipe's pack length and micro-batch
 METHODS = {"full, ZeRO-3": ["method=full", "training.strategy=deepspeed", "training.zero_stage=3"],
@@ -160,8 +160,7 @@ def main() -> None:
                         help="plain/Ray pairs per thread count: one pair swings +-20 %% on a shared 2-core machine")
     parser.add_argument("--no-methods", action="store_true", help="skip the full / LoRA / QLoRA table")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "uncommitted"
+    commit = git_commit()
     print(f"# bench_train  {date.today()}  commit {commit}  Python {platform.python_version()}  torch "
           f"{torch.__version__}  {os.cpu_count()} CPUs  load {os.getloadavg()[0]:.1f}", flush=True)
 

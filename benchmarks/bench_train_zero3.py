@@ -17,7 +17,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import date
@@ -28,6 +27,7 @@ import torch.multiprocessing as mp
 
 from pipelines.config import ModelConfig, StageConfig, TinyModelConfig, load_recipe
 from pipelines.models import build_tiny_model, train_tokenizer
+from provenance import git_commit
 
 BATCH, LENGTH, WORLD, PROFILED = 4, 512, 2, 2
 VARIANTS = {  # name -> (strategy, zero stage, stage-3 persistence threshold)
@@ -98,8 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "uncommitted"
+    commit = git_commit()
     print(f"# bench_train_zero3  {date.today()}  commit {commit}  Python {platform.python_version()}  "
           f"torch {torch.__version__}  {os.cpu_count()} CPUs  load {os.getloadavg()[0]:.1f}")
     print(f"2 processes (gloo) x {args.threads} thread(s), full fine-tuning, bf16, {BATCH} x {LENGTH} tokens a "

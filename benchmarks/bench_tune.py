@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from datetime import date
@@ -26,6 +25,7 @@ from pathlib import Path
 from pipelines.config import load_recipe
 from pipelines.prepare import prepare
 from pipelines.train import train
+from provenance import git_commit
 from tune.space import budget_overrides
 from tune.sweep import sweep
 
@@ -43,8 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "uncommitted"
+    commit = git_commit()
     print(f"# bench_tune  {date.today()}  commit {commit}  Python {platform.python_version()}  ray {ray.__version__}  "
           f"{os.cpu_count()} CPUs", flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench-tune-"))
